@@ -73,9 +73,19 @@ class BertPreprocessor:
             )
         return texts
 
-    def tokenize(self, texts):
+    @staticmethod
+    def _clean(texts):
+        # The Hugging Face BERT normalizer (tokenizers 0.23) maps tab, newline and carriage
+        # return to a space and drops every other character of Unicode category C
+        # (control, format, private use, unassigned) and U+FFFD, the replacement character
+        # left by undecodable bytes. FastBertTokenizer does not, and a kept character
+        # would turn its word into [UNK].
+        texts = tf.strings.regex_replace(texts, r"[\t\n\r]", " ")
+        return tf.strings.regex_replace(texts, r"[\p{C}\x{FFFD}]", "")
+
+    def tokenize(self, texts, argument="texts"):
         """Return the WordPiece ids of each text as a ragged [batch, None] tensor."""
-        return self._tokenizer.tokenize(self._as_tensor(texts, "texts"))
+        return self._tokenizer.tokenize(self._clean(self._as_tensor(texts, argument)))
 
     def __call__(self, texts, pairs=None):
         first = self.tokenize(texts)
@@ -84,7 +94,7 @@ class BertPreprocessor:
             first = first[:, :budget]
             segments = [first]
         else:
-            second = self._tokenizer.tokenize(self._as_tensor(pairs, "pairs"))
+            second = self.tokenize(pairs, "pairs")
             if first.nrows() is not None and int(first.nrows()) != int(second.nrows()):
                 raise ValueError(
                     f"texts and pairs must have the same length; received {int(first.nrows())} "
@@ -123,8 +133,9 @@ def _truncate_pair(len_a, len_b, budget):
     len_a = tf.cast(len_a, tf.int64)
     len_b = tf.cast(len_b, tf.int64)
     budget = tf.cast(budget, tf.int64)
-    # Give each segment half the budget, then hand what one does not use to the other.
-    half = budget // 2
+    # Give each segment half the budget (the first one gets the odd token), then hand what
+    # one does not use to the other. This equals Hugging Face's "longest_first" truncation.
+    half = budget - budget // 2
     keep_a = tf.minimum(len_a, tf.maximum(half, budget - len_b))
     keep_b = tf.minimum(len_b, budget - keep_a)
     return keep_a, keep_b
