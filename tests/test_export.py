@@ -1,0 +1,250 @@
+"""TFLite export: modes, fixed signature, builtin-op check, atomic write, verification."""
+
+import os
+
+import numpy as np
+import pytest
+
+from conftest import random_inputs
+from tfcompress._keras import keras, tf
+from tfcompress.bert import BertConfig, build_encoder, classifier
+from tfcompress.export import (MODES, Tolerance, UnsupportedOpError, VerificationError,
+                               check_builtin_ops, to_tflite, weight_stats)
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier():
+    config = BertConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4,
+                        intermediate_size=64, max_position_embeddings=64,
+                        dropout_rate=0.0, attention_dropout_rate=0.0)
+    keras.utils.set_random_seed(7)
+    model = classifier(build_encoder(config), num_classes=3, dropout=0.0)
+    # Larger logits weights give clear argmax margins, so label agreement of the
+    # quantized modes measures quantization error rather than near-ties.
+    logits = model.get_layer("classifier/logits")
+    kernel, bias = logits.get_weights()
+    logits.set_weights([kernel * 50.0, bias])
+    return model
+
+
+@pytest.fixture(scope="module")
+def data():
+    return random_inputs(batch=8, seq=16)
+
+
+def test_float32_result_fields(tiny_classifier, data, tmp_path):
+    path = tmp_path / "model.tflite"
+    result = to_tflite(tiny_classifier, path, verify_data=data)
+    assert result.bytes == os.path.getsize(path)
+    assert 0 < result.gzip_bytes < result.bytes
+    assert result.seq_length == 16
+    assert result.fixed_sequence_length
+    assert result.batch_size == 1
+    assert result.inputs == (("input_mask", "int32", (1, 16)),
+                             ("input_type_ids", "int32", (1, 16)),
+                             ("input_word_ids", "int32", (1, 16)))
+    assert result.outputs == ("classifier_logits",)
+    assert result.verification.examples == 8
+    # float32 TFLite kernels differ from TensorFlow's by summation order only.
+    assert result.verification.max_abs_diff <= 1e-4
+    assert result.verification.label_agreement == 1.0
+    assert "GELU" in result.operators
+    assert not any(op.startswith("custom:") for op in result.operators)
+    assert result.sparsity == 0.0
+    assert os.listdir(tmp_path) == ["model.tflite"]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_modes_verify(tiny_classifier, data, tmp_path, mode):
+    # Random tiny weights give near-tied logits across examples, so the int4 check
+    # here is on direction only; label agreement is reported, not asserted.
+    tolerance = Tolerance(min_cosine=0.98, min_label_agreement=0.875) if mode == "int8" \
+        else Tolerance(min_cosine=0.95)
+    result = to_tflite(tiny_classifier, tmp_path / f"{mode}.tflite", mode=mode,
+                       representative_data=data, verify_data=data, tolerance=tolerance)
+    verification = result.verification
+    assert verification.cosine >= tolerance.min_cosine
+    assert 0.0 <= verification.label_agreement <= 1.0
+    if mode == "int8":
+        # Token ids stay int32 and the logits come out as float32.
+        assert all(dtype == "int32" for _, dtype, _ in result.inputs)
+        assert "QUANTIZE" in result.operators
+        assert "DEQUANTIZE" in result.operators
+
+
+def test_verification_failure_leaves_nothing(tiny_classifier, data, tmp_path):
+    path = tmp_path / "strict.tflite"
+    with pytest.raises(VerificationError) as error:
+        to_tflite(tiny_classifier, path, mode="dynamic", verify_data=data,
+                  tolerance=Tolerance(max_abs_diff=0.0))
+    assert not path.exists()
+    assert os.listdir(tmp_path) == []
+    message = str(error.value)
+    assert "max abs diff" in message
+    assert "Layers with the largest error" in message
+    assert len(error.value.layer_errors) >= 1
+
+
+def test_size_ratios_hidden_256(tmp_path):
+    config = BertConfig(vocab_size=1000, hidden_size=256, num_layers=2, num_heads=4,
+                        intermediate_size=1024, max_position_embeddings=64,
+                        dropout_rate=0.0, attention_dropout_rate=0.0)
+    model = classifier(build_encoder(config), num_classes=3, dropout=0.0)
+    inputs = random_inputs(batch=4, seq=16, vocab=1000)
+    sizes = {}
+    for mode in ("float32", "float16", "dynamic"):
+        sizes[mode] = to_tflite(model, tmp_path / f"{mode}.tflite", mode=mode,
+                                verify_data=inputs).bytes
+    assert sizes["dynamic"] <= 0.35 * sizes["float32"]
+    assert sizes["float16"] <= 0.55 * sizes["float32"]
+
+
+def _dense_512(sparsity=None):
+    inputs = keras.Input((512,))
+    outputs = keras.layers.Dense(512, name="dense")(inputs)
+    model = keras.Model(inputs, outputs)
+    if sparsity is not None:
+        kernel, bias = model.get_layer("dense").get_weights()
+        threshold = np.quantile(np.abs(kernel), sparsity)
+        kernel[np.abs(kernel) <= threshold] = 0.0
+        model.get_layer("dense").set_weights([kernel, bias])
+    return model
+
+
+def test_pruned_dense_sizes(tmp_path):
+    data = np.random.default_rng(0).normal(size=(4, 512)).astype(np.float32)
+    dense = to_tflite(_dense_512(), tmp_path / "dense.tflite", verify_data=data)
+    pruned_model = _dense_512(sparsity=0.8)
+    pruned = to_tflite(pruned_model, tmp_path / "pruned.tflite", verify_data=data)
+    encoded = to_tflite(pruned_model, tmp_path / "sparse.tflite", verify_data=data,
+                        sparse=True)
+    # Zeros stored densely take the same bytes, so only gzip shrinks them.
+    assert abs(pruned.bytes - dense.bytes) <= 0.02 * dense.bytes
+    assert pruned.gzip_bytes <= 0.45 * dense.gzip_bytes
+    assert encoded.bytes < dense.bytes
+    assert encoded.sparse_tensors == 1
+    assert pruned.sparsity == pytest.approx(0.8, abs=1e-3)
+    assert encoded.sparsity == pytest.approx(0.8, abs=1e-3)
+    assert dense.sparsity == 0.0
+    assert pruned.seq_length is None
+    assert not pruned.fixed_sequence_length
+
+
+def test_float16_large_negative_mask(tmp_path):
+    ids = keras.Input((8,), dtype=tf.int32, name="ids")
+    mask = keras.Input((8,), dtype=tf.int32, name="mask")
+    x = keras.layers.Embedding(50, 16)(ids)
+    scores = keras.layers.Dense(1)(x)[..., 0]
+    bias = (1.0 - tf.cast(mask, tf.float32)) * -1e9
+    weights = tf.nn.softmax(scores + bias, axis=-1)
+    pooled = tf.reduce_sum(x * weights[..., tf.newaxis], axis=1)
+    logits = keras.layers.Dense(3)(pooled)
+    model = keras.Model({"ids": ids, "mask": mask}, logits)
+    rng = np.random.default_rng(1)
+    data = {"ids": rng.integers(1, 50, (6, 8)).astype(np.int32),
+            "mask": np.ones((6, 8), np.int32)}
+    data["mask"][:, 5:] = 0
+    result = to_tflite(model, tmp_path / "f16.tflite", mode="float16", verify_data=data)
+    assert np.isfinite(result.verification.max_abs_diff)
+    assert result.verification.max_abs_diff <= 1e-2
+
+
+def test_mixed_precision_rebuilt(tiny_config, tmp_path):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = classifier(build_encoder(tiny_config), num_classes=3)
+    keras.mixed_precision.set_global_policy("float32")
+    data = random_inputs(batch=4, seq=12)
+    result = to_tflite(model, tmp_path / "mixed.tflite", verify_data=data)
+    # Verified against the float32 rebuild; the float16 original is close to it.
+    assert result.verification.max_abs_diff <= 1e-4
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(tmp_path / "mixed.tflite")).get_signature_runner()
+    example = {k: v[:1] for k, v in data.items()}
+    mixed = np.asarray(model(example, training=False), np.float32)
+    assert np.max(np.abs(runner(**example)["classifier_logits"] - mixed)) <= 1e-2
+
+
+def test_exact_gelu_and_mha_builtin(tmp_path):
+    inputs = keras.Input((8, 16))
+    attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)(inputs, inputs)
+    hidden = keras.layers.Dense(32)(attention)
+    hidden = keras.layers.Lambda(lambda t: tf.nn.gelu(t, approximate=False))(hidden)
+    model = keras.Model(inputs, keras.layers.Dense(4)(hidden))
+    data = np.random.default_rng(2).normal(size=(3, 8, 16)).astype(np.float32)
+    result = to_tflite(model, tmp_path / "mha.tflite", verify_data=data)
+    assert "GELU" in result.operators
+    assert "BATCH_MATMUL" in result.operators or "FULLY_CONNECTED" in result.operators
+    assert not any(op.startswith("custom:") for op in result.operators)
+    assert result.verification.max_abs_diff <= 1e-4
+
+
+def test_rejects_float_ids(tiny_classifier, data, tmp_path):
+    floats = dict(data, input_word_ids=data["input_word_ids"].astype(np.float32))
+    with pytest.raises(TypeError, match="input_word_ids.*float32.*astype"):
+        to_tflite(tiny_classifier, tmp_path / "m.tflite", mode="int8",
+                  representative_data=floats)
+    assert not (tmp_path / "m.tflite").exists()
+
+
+def test_rejects_unknown_mode(tiny_classifier, tmp_path):
+    with pytest.raises(ValueError) as error:
+        to_tflite(tiny_classifier, tmp_path / "m.tflite", mode="int2")
+    assert "'int2'" in str(error.value)
+    for mode in MODES:
+        assert mode in str(error.value)
+
+
+def test_rejects_existing_path(tiny_classifier, data, tmp_path):
+    path = tmp_path / "m.tflite"
+    path.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        to_tflite(tiny_classifier, path, verify_data=data)
+    assert path.read_bytes() == b"keep me"
+
+
+def test_int8_needs_calibration(tiny_classifier, data, tmp_path):
+    with pytest.raises(ValueError, match="representative_data"):
+        to_tflite(tiny_classifier, tmp_path / "m.tflite", mode="int8", verify_data=data)
+
+
+def test_int16x8_layer_norm_rejected(tmp_path):
+    inputs = keras.Input((4, 8))
+    model = keras.Model(inputs, keras.layers.LayerNormalization()(inputs))
+    data = np.random.default_rng(3).normal(size=(8, 4, 8)).astype(np.float32)
+    with pytest.raises(NotImplementedError, match="RSQRT"):
+        to_tflite(model, tmp_path / "m.tflite", mode="int16x8", representative_data=data)
+    assert os.listdir(tmp_path) == []
+
+
+def test_flex_op_named(tmp_path):
+    inputs = keras.Input((4, 4))
+    singular = keras.layers.Lambda(lambda t: tf.linalg.svd(t, compute_uv=False))(inputs)
+    model = keras.Model(inputs, singular)
+    data = np.eye(4, dtype=np.float32)[np.newaxis]
+    with pytest.raises(UnsupportedOpError, match="Svd") as error:
+        to_tflite(model, tmp_path / "svd.tflite", verify_data=data)
+    assert error.value.ops == ["Svd"]
+    assert os.listdir(tmp_path) == []
+
+    # The same graph converted with custom ops allowed carries a custom op, which the
+    # flatbuffer check names.
+    function = tf.function(lambda t: model(t, training=False))
+    concrete = function.get_concrete_function(tf.TensorSpec([1, 4, 4], tf.float32))
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
+    converter.allow_custom_ops = True
+    with pytest.raises(UnsupportedOpError, match="Svd"):
+        check_builtin_ops(converter.convert())
+
+
+def test_weight_stats_hand_counted(tmp_path):
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="dense")(inputs))
+    kernel = np.arange(12, dtype=np.float32).reshape(4, 3)
+    kernel[1] = 0.0  # 3 zeros here plus the 0 at [0, 0]: 4 of 12.
+    model.get_layer("dense").set_weights([kernel, np.zeros(3, np.float32)])
+    result = to_tflite(model, tmp_path / "m.tflite", verify_data=np.ones((1, 4), np.float32))
+    stats = weight_stats((tmp_path / "m.tflite").read_bytes())
+    assert stats.elements == 12
+    assert stats.zeros == 4
+    assert result.sparsity == pytest.approx(4 / 12)

@@ -1,0 +1,173 @@
+"""Facts read from a .tflite flatbuffer: operators, stored weights, sizes.
+
+The TFLite schema module shipped with ai-edge-litert parses the file. This module adds
+two checks that tfcompress reports on. The first is that every operator is a builtin,
+with no Flex or custom op that a stock LiteRT runtime lacks. The second is the fraction
+of exact zeros in the stored constant weights, counted from the buffers, sparse-encoded
+tensors included.
+"""
+
+import dataclasses
+import gzip
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema
+
+_BUILTIN_NAMES = {value: name for name, value in vars(schema.BuiltinOperator).items()
+                  if not name.startswith("_")}
+
+# numpy dtype of each stored tensor type; INT4 is packed two values a byte.
+_NUMPY_TYPES = {
+    schema.TensorType.FLOAT32: np.float32,
+    schema.TensorType.FLOAT16: np.float16,
+    schema.TensorType.INT32: np.int32,
+    schema.TensorType.UINT8: np.uint8,
+    schema.TensorType.INT64: np.int64,
+    schema.TensorType.INT16: np.int16,
+    schema.TensorType.INT8: np.int8,
+    schema.TensorType.FLOAT64: np.float64,
+}
+
+
+class UnsupportedOpError(ValueError):
+    """A converted model needs an operator outside the TFLite builtin set."""
+
+    def __init__(self, ops, detail=""):
+        self.ops = sorted(set(ops))
+        message = (
+            f"the model needs operators that are not TFLite builtins: {', '.join(self.ops)}. "
+            "A stock LiteRT runtime cannot run them (Flex ops need the TensorFlow "
+            "select-ops runtime). Replace the layer using them with builtin-friendly "
+            "ops, or compute that step outside the model."
+        )
+        if detail:
+            message += f" {detail}"
+        super().__init__(message)
+
+
+def read_model(content):
+    """Return the schema ``Model`` of flatbuffer bytes."""
+    return schema.Model.GetRootAs(content, 0)
+
+
+def operator_names(content):
+    """Return the operator names of a .tflite model, custom ops as ``custom:<code>``."""
+    model = read_model(content)
+    names = []
+    for i in range(model.OperatorCodesLength()):
+        code = model.OperatorCodes(i)
+        # Codes above 127 are only in builtin_code; older files only fill the deprecated one.
+        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+        if builtin == schema.BuiltinOperator.CUSTOM:
+            custom = code.CustomCode()
+            names.append("custom:" + (custom.decode() if custom else "?"))
+        else:
+            names.append(_BUILTIN_NAMES.get(builtin, f"builtin_{builtin}"))
+    return names
+
+
+def check_builtin_ops(content):
+    """Raise ``UnsupportedOpError`` naming every Flex or custom operator of a model."""
+    custom = [name.split(":", 1)[1] for name in operator_names(content)
+              if name.startswith("custom:")]
+    if custom:
+        raise UnsupportedOpError(custom)
+
+
+def operators_with_input_type(content, operator, tensor_type):
+    """Count the ``operator`` nodes (a BuiltinOperator name) whose first input has ``tensor_type``."""
+    model = read_model(content)
+    names = operator_names(content)
+    count = 0
+    for s in range(model.SubgraphsLength()):
+        subgraph = model.Subgraphs(s)
+        for o in range(subgraph.OperatorsLength()):
+            op = subgraph.Operators(o)
+            if names[op.OpcodeIndex()] != operator or op.InputsLength() == 0:
+                continue
+            if subgraph.Tensors(op.Inputs(0)).Type() == getattr(schema.TensorType, tensor_type):
+                count += 1
+    return count
+
+
+def _buffer_bytes(model, index, content):
+    buffer = model.Buffers(index)
+    if buffer is None:
+        return None
+    # Models over 2 GB keep buffers after the flatbuffer; offset 0 or 1 means inline.
+    if buffer.Offset() > 1:
+        return np.frombuffer(content, np.uint8, count=buffer.Size(), offset=buffer.Offset())
+    if buffer.DataLength() == 0:
+        return None
+    return buffer.DataAsNumpy()
+
+
+def _nonzero_count(raw, tensor_type, zero_point):
+    if tensor_type == schema.TensorType.INT4:
+        low = (raw & 0x0F).astype(np.int8)
+        high = (raw >> 4).astype(np.int8)
+        values = np.stack([np.where(low > 7, low - 16, low), np.where(high > 7, high - 16, high)])
+        return int(np.count_nonzero(values != zero_point))
+    values = raw.view(_NUMPY_TYPES[tensor_type])
+    return int(np.count_nonzero(values != zero_point))
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightStats:
+    """Counts over the stored constant tensors of rank >= 2 of a model."""
+
+    elements: int
+    zeros: int
+    tensors: int
+    sparse_tensors: int
+
+    @property
+    def sparsity(self):
+        return self.zeros / self.elements if self.elements else 0.0
+
+
+def weight_stats(content):
+    """Count the exact zeros of the constant weight tensors (rank >= 2) of a model.
+
+    A quantized value counts as zero when it equals the tensor's zero point. A
+    sparse-encoded tensor stores only some blocks; the elements it does not store are
+    zeros. Buffers shared by several tensors are counted once.
+    """
+    model = read_model(content)
+    seen = set()
+    elements = zeros = tensors = sparse_tensors = 0
+    for s in range(model.SubgraphsLength()):
+        subgraph = model.Subgraphs(s)
+        for t in range(subgraph.TensorsLength()):
+            tensor = subgraph.Tensors(t)
+            index = tensor.Buffer()
+            if index == 0 or index in seen or tensor.ShapeLength() < 2:
+                continue
+            tensor_type = tensor.Type()
+            if tensor_type not in _NUMPY_TYPES and tensor_type != schema.TensorType.INT4:
+                continue
+            raw = _buffer_bytes(model, index, content)
+            if raw is None:
+                continue
+            seen.add(index)
+            zero_point = 0
+            quantization = tensor.Quantization()
+            if quantization is not None and quantization.ZeroPointLength() > 0:
+                points = quantization.ZeroPointAsNumpy()
+                if np.all(points == points[0]):
+                    zero_point = int(points[0])
+            total = int(np.prod(tensor.ShapeAsNumpy()))
+            nonzero = _nonzero_count(raw, tensor_type, zero_point)
+            if tensor_type == schema.TensorType.INT4 and total % 2:
+                # The pad nibble of an odd count is stored as 0.
+                nonzero = min(nonzero, total)
+            elements += total
+            zeros += total - nonzero
+            tensors += 1
+            sparse_tensors += tensor.Sparsity() is not None
+    return WeightStats(elements, zeros, tensors, sparse_tensors)
+
+
+def gzip_size(content):
+    """Return the size in bytes of ``content`` gzip-compressed at level 9."""
+    return len(gzip.compress(bytes(content), compresslevel=9, mtime=0))

@@ -1,0 +1,531 @@
+"""Export a Keras model to TFLite, verify it against the model, measure what was written.
+
+The TFLite converter and ai-edge-quantizer do the conversion. Around them this module
+adds a fixed batch-1 signature, a float32 rebuild of mixed-precision models and a check
+that only builtin operators were emitted. It writes atomically, so a failed model is
+never left at ``path``. It compares the TFLite outputs with the Keras outputs against
+per-mode tolerances, with a per-layer breakdown when they fail, and measures sizes and
+sparsity from the written bytes.
+
+Modes:
+  float32: no optimization.
+  float16: float16 weights, float32 compute (the runtime dequantizes them).
+  dynamic: int8 weights, activations quantized per invoke (dynamic range).
+  int8: int8 weights and activations calibrated on ``representative_data``. Token-id
+    inputs stay int32 and the outputs stay float32 (the converter adds a quantize and
+    a dequantize step at the edges); every other operator must have an int8 kernel.
+    Models trained with fake quantization (QAT) convert without calibration data.
+  int16x8: int16 activations and int8 weights, calibrated; operators without a 16x8
+    kernel (the int32 -> float cast of the attention mask, for example) stay float32.
+  int4: int4 weights in blocks of 32 with float32 activations (ai-edge-quantizer
+    recipe ``dynamic_wi4b32_afp32``) applied to the float32 model; weights whose
+    input size is not a multiple of 32 stay float32.
+"""
+
+import dataclasses
+import logging
+import os
+import re
+import tempfile
+import warnings
+
+import numpy as np
+
+from tfcompress._keras import check_model, tf
+from tfcompress.export import flatbuffer, signature
+
+logger = logging.getLogger(__name__)
+
+MODES = ("float32", "float16", "dynamic", "int8", "int16x8", "int4")
+_CALIBRATED = ("int8", "int16x8")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """Limits a verified export must meet; a None field is not checked.
+
+    Attributes:
+      max_abs_diff: largest allowed |tflite - keras| over all outputs and examples.
+      min_cosine: smallest allowed cosine similarity of each output (all examples
+        flattened into one vector).
+      min_label_agreement: smallest allowed fraction of examples whose argmax agrees;
+        checked only for a model with one output of shape [batch, classes].
+    """
+
+    max_abs_diff: float = None
+    min_cosine: float = None
+    min_label_agreement: float = None
+
+
+# float32 and float16 differ from Keras only by rounding, so an absolute bound fits
+# logits and hidden states of order 1. The quantized modes change every weight, so
+# they are judged by direction (cosine) and by the decisions (argmax) they keep.
+TOLERANCES = {
+    "float32": Tolerance(max_abs_diff=1e-4),
+    "float16": Tolerance(max_abs_diff=1e-2),
+    "dynamic": Tolerance(min_cosine=0.99, min_label_agreement=0.9),
+    "int8": Tolerance(min_cosine=0.98, min_label_agreement=0.9),
+    "int16x8": Tolerance(min_cosine=0.99, min_label_agreement=0.9),
+    "int4": Tolerance(min_cosine=0.95, min_label_agreement=0.8),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """TFLite outputs compared with the Keras model's on the verification examples.
+
+    Attributes:
+      examples: number of examples run, one invoke each.
+      max_abs_diff: largest |tflite - keras| over all outputs.
+      cosine: smallest per-output cosine similarity.
+      label_agreement: fraction of examples with the same argmax, or None when the
+        model has no single [batch, classes] output.
+      per_output: ``{output name: {"max_abs_diff": ..., "cosine": ...}}``.
+      tolerance: the limits applied.
+    """
+
+    examples: int
+    max_abs_diff: float
+    cosine: float
+    label_agreement: float
+    per_output: dict
+    tolerance: Tolerance
+
+    def failures(self):
+        """Return a sentence per violated limit; empty when the export passes."""
+        failed = []
+        limit = self.tolerance
+        if limit.max_abs_diff is not None and not self.max_abs_diff <= limit.max_abs_diff:
+            failed.append(f"max abs diff {self.max_abs_diff:.3g} > {limit.max_abs_diff:g}")
+        if limit.min_cosine is not None and not self.cosine >= limit.min_cosine:
+            failed.append(f"cosine {self.cosine:.6f} < {limit.min_cosine:g}")
+        if (limit.min_label_agreement is not None and self.label_agreement is not None
+                and not self.label_agreement >= limit.min_label_agreement):
+            failed.append(f"label agreement {self.label_agreement:.3f} < "
+                          f"{limit.min_label_agreement:g}")
+        return failed
+
+
+class VerificationError(RuntimeError):
+    """The exported model's outputs are beyond the tolerance of its mode."""
+
+    def __init__(self, message, verification, layer_errors):
+        super().__init__(message)
+        self.verification = verification
+        self.layer_errors = layer_errors
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """A written and verified .tflite file and what was measured on it.
+
+    Attributes:
+      path: the written file.
+      mode: one of ``MODES``.
+      bytes: file size on disk.
+      gzip_bytes: size of the file's bytes gzip-compressed at level 9.
+      sparsity: fraction of exact zeros in the stored constant tensors of rank >= 2.
+      sparse_tensors: how many of those tensors are stored sparse-encoded.
+      verification: a ``Verification``, or None when no data was given.
+      batch_size: the fixed batch size of the signature, always 1.
+      seq_length: the fixed sequence length of the token inputs, or None when every
+        input had a fixed shape already. Longer inputs must be truncated.
+      inputs: ``(name, dtype, shape)`` of each signature input.
+      outputs: the signature's output names.
+      operators: the operator names the model uses.
+    """
+
+    path: str
+    mode: str
+    bytes: int
+    gzip_bytes: int
+    sparsity: float
+    sparse_tensors: int
+    verification: Verification
+    batch_size: int
+    seq_length: int
+    inputs: tuple
+    outputs: tuple
+    operators: tuple
+
+    @property
+    def fixed_sequence_length(self):
+        return self.seq_length is not None
+
+
+def to_tflite(model, path, mode="float32", representative_data=None, verify_data=None,
+              sparse=False, seq_length=None, overwrite=False, tolerance=None,
+              num_threads=None):
+    """Convert ``model`` to a TFLite file at ``path``, verify it, and measure it.
+
+    Args:
+      model: a tf_keras model (functional or Sequential). One built under a mixed
+        precision policy is rebuilt in float32 first.
+      path: the .tflite file to write. Its folder is created when missing.
+      mode: one of "float32", "float16", "dynamic", "int8", "int16x8", "int4" (see
+        the module docstring).
+      representative_data: calibration examples, required for "int8" (unless the
+        model has fake-quant ops) and "int16x8": a dict of arrays keyed by input
+        name, a single array for one-input models, or a ``tf.data.Dataset`` of
+        those (labels are ignored). Token ids must be integers.
+      verify_data: examples, in the same forms, on which the TFLite outputs are
+        compared with the Keras outputs. Defaults to ``representative_data``;
+        when both are None the file is written unverified, with a warning.
+      sparse: store pruned weights sparse-encoded
+        (``tf.lite.Optimize.EXPERIMENTAL_SPARSITY``).
+      seq_length: the fixed sequence length of the token inputs. Defaults to the
+        length of ``verify_data`` (or ``representative_data``); examples are padded
+        with zeros or truncated to it.
+      overwrite: replace an existing file at ``path``.
+      tolerance: a ``Tolerance`` (or a dict of its fields) replacing the mode's
+        default in ``TOLERANCES``.
+      num_threads: interpreter threads used for verification.
+
+    Returns:
+      An ``ExportResult``.
+
+    Raises:
+      ValueError: an unknown mode, missing calibration data or malformed data.
+      TypeError: float arrays given for integer token-id inputs.
+      FileExistsError: ``path`` exists and ``overwrite`` is False.
+      flatbuffer.UnsupportedOpError: the model needs a Flex or custom operator.
+      VerificationError: outputs beyond tolerance; the message lists the layers with
+        the largest error. Nothing is written at ``path`` when conversion or
+        verification fails.
+    """
+    # Cheap argument checks, before any tracing or conversion.
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"path {path!r} is a folder; pass a file path such as "
+                                f"{os.path.join(path, 'model.tflite')!r}.")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path!r} already exists; pass overwrite=True to replace "
+                              "it or choose another path.")
+    if not isinstance(sparse, bool):
+        raise TypeError(f"sparse must be True or False; received {sparse!r}.")
+    if seq_length is not None and (not isinstance(seq_length, int) or seq_length < 1):
+        raise ValueError(f"seq_length must be a positive integer; received {seq_length!r}.")
+    if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+        raise ValueError(f"num_threads must be a positive integer; received {num_threads!r}.")
+    if isinstance(tolerance, dict):
+        tolerance = Tolerance(**tolerance)
+    if tolerance is not None and not isinstance(tolerance, Tolerance):
+        raise TypeError(f"tolerance must be a Tolerance or a dict of its fields; "
+                        f"received {type(tolerance).__name__}.")
+    tolerance = tolerance or TOLERANCES[mode]
+    check_model(model)
+
+    # Signature and data: dtype and shape errors surface here, before conversion.
+    model = signature.float32_rebuild(model)
+    if seq_length is None:
+        seq_length = (signature.sequence_length_of(verify_data, model)
+                      or signature.sequence_length_of(representative_data, model))
+    specs = signature.input_specs(model, seq_length)
+    has_dynamic_length = any(None in t.shape[1:] for t in model.inputs)
+    calibration = None
+    if representative_data is not None:
+        calibration = list(signature.iterate_examples(representative_data, specs,
+                                                      "representative_data"))
+        if not calibration:
+            raise ValueError("representative_data is empty; pass at least one example.")
+        if mode not in _CALIBRATED:
+            logger.info("mode %r needs no calibration; representative_data is used "
+                        "for verification only", mode)
+    if verify_data is not None:
+        examples = list(signature.iterate_examples(verify_data, specs, "verify_data"))
+        if not examples:
+            raise ValueError("verify_data is empty; pass at least one example.")
+    else:
+        examples = calibration
+
+    # Conversion.
+    serve, concrete = _serving_function(model, specs)
+    quantization_aware = _has_fake_quant(concrete)
+    if mode in _CALIBRATED and calibration is None and not (
+            mode == "int8" and quantization_aware):
+        raise ValueError(
+            f"mode {mode!r} calibrates activation ranges and needs representative_data "
+            "(a few hundred typical examples); pass it, or use mode='dynamic', which "
+            "needs none."
+        )
+    converter = _converter(model, serve, concrete, mode, calibration, sparse,
+                           quantization_aware)
+    content = _convert(converter)
+    if mode == "int4":
+        content = _quantize_int4(content)
+    flatbuffer.check_builtin_ops(content)
+    if mode == "int16x8" and flatbuffer.operators_with_input_type(content, "RSQRT", "INT16"):
+        # Seen with ai-edge-litert 2.3.0: invoking a 16x8 model with an int16 RSQRT
+        # (what LayerNormalization becomes) aborts the whole Python process.
+        raise NotImplementedError(
+            "mode 'int16x8' produced an int16 RSQRT (from LayerNormalization), which "
+            "the installed LiteRT interpreter cannot run: it aborts the process. Use "
+            "mode='int8' or mode='dynamic' for this model."
+        )
+
+    # Atomic write: a temporary file beside path, verified, then renamed onto path.
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tfcompress-", suffix=".tflite")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(content)
+        verification = None
+        if examples is None:
+            warnings.warn(
+                f"{path!r} is written unverified because neither verify_data nor "
+                "representative_data was given; pass verify_data to compare it with "
+                "the Keras model.", stacklevel=2)
+        else:
+            verification = verify(model, content, examples, tolerance, num_threads)
+            failed = verification.failures()
+            if failed:
+                layers = _layer_errors(model, serve, concrete, mode, calibration, sparse,
+                                       quantization_aware, content, examples)
+                raise VerificationError(_failure_message(mode, failed, verification, layers),
+                                        verification, layers)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+    stats = flatbuffer.weight_stats(content)
+    result = ExportResult(
+        path=path,
+        mode=mode,
+        bytes=os.path.getsize(path),
+        gzip_bytes=flatbuffer.gzip_size(content),
+        sparsity=stats.sparsity,
+        sparse_tensors=stats.sparse_tensors,
+        verification=verification,
+        batch_size=1,
+        seq_length=seq_length if has_dynamic_length else None,
+        inputs=tuple((s.name, s.dtype, s.shape) for s in specs),
+        outputs=tuple(_output_names(content)),
+        operators=tuple(sorted(set(flatbuffer.operator_names(content)))),
+    )
+    logger.info("wrote %s (%s, %d bytes, %d gzip bytes, sparsity %.3f)", path, mode,
+                result.bytes, result.gzip_bytes, result.sparsity)
+    return result
+
+
+def _serving_function(model, specs):
+    def serve(inputs):
+        outputs = signature.call_model(model, inputs)
+        return signature.flatten_outputs(model, outputs)
+
+    function = tf.function(serve)
+    concrete = function.get_concrete_function({s.name: s.tensor_spec() for s in specs})
+    return function, concrete
+
+
+def _has_fake_quant(concrete):
+    graph_def = concrete.graph.as_graph_def()
+    nodes = list(graph_def.node)
+    for function in graph_def.library.function:
+        nodes.extend(function.node_def)
+    return any(node.op.startswith("FakeQuantWithMinMax") for node in nodes)
+
+
+def _converter(model, serve, concrete, mode, calibration, sparse, quantization_aware):
+    # A bare module with the variables and the function: handing the Keras model to
+    # the converter makes it save every layer's traced call, which is several times
+    # slower and changes nothing in the result.
+    module = tf.Module()
+    module.model_variables = list(model.variables)
+    module.serve = serve
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], module)
+    optimizations = []
+    if mode in ("float16", "dynamic", "int8", "int16x8") or quantization_aware:
+        optimizations.append(tf.lite.Optimize.DEFAULT)
+    if sparse:
+        optimizations.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
+    converter.optimizations = optimizations
+    if mode == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if mode in _CALIBRATED and calibration is not None:
+        converter.representative_dataset = lambda: iter(calibration)
+    if mode == "int8" and calibration is not None:
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    if mode == "int16x8":
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
+            tf.lite.OpsSet.TFLITE_BUILTINS,
+        ]
+    return converter
+
+
+_SELECT_OPS = re.compile(r"(?:TF Select ops|Flex ops|Custom ops): ([^\n]+)")
+_OP_NOT_SUPPORTED = re.compile(r"'tf\.(\w+)' op is neither a custom op nor a flex op")
+
+
+def _convert(converter):
+    try:
+        return converter.convert()
+    except Exception as error:  # ConverterError is not exported under a stable name.
+        text = str(error)
+        ops = []
+        for match in _SELECT_OPS.finditer(text):
+            ops.extend(op.strip() for op in match.group(1).split(","))
+        ops.extend(_OP_NOT_SUPPORTED.findall(text))
+        if ops:
+            raise flatbuffer.UnsupportedOpError(
+                ops, "The TFLite converter found no builtin for them.") from None
+        raise
+
+
+def _quantize_int4(content):
+    from ai_edge_quantizer import quantizer, recipe
+
+    int4 = quantizer.Quantizer(bytearray(content), recipe.dynamic_wi4b32_afp32())
+    result = int4.quantize(enable_progress_report=False, enable_progress_bar=False)
+    return bytes(result.quantized_model)
+
+
+def _output_names(content):
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_content=content).get_signature_list()
+    return list(next(iter(runner.values()))["outputs"])
+
+
+def run_tflite(content, examples, num_threads=None):
+    """Run a single-signature .tflite model on each example; return stacked outputs."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=content, num_threads=num_threads)
+    runner = interpreter.get_signature_runner()
+    collected = {}
+    for example in examples:
+        for name, value in runner(**example).items():
+            collected.setdefault(name, []).append(np.array(value))
+    return {name: np.concatenate(values) for name, values in collected.items()}
+
+
+def _keras_outputs(model, examples):
+    batch = {name: np.concatenate([e[name] for e in examples]) for name in examples[0]}
+    outputs = signature.call_model(model, batch)
+    return {name: np.asarray(value, np.float32)
+            for name, value in signature.flatten_outputs(model, outputs).items()}
+
+
+def _cosine(a, b):
+    a = a.astype(np.float64).ravel()
+    b = b.astype(np.float64).ravel()
+    norms = np.linalg.norm(a) * np.linalg.norm(b)
+    if norms == 0.0:
+        return 1.0 if np.array_equal(a, b) else 0.0
+    return float(np.dot(a, b) / norms)
+
+
+def verify(model, content, examples, tolerance, num_threads=None):
+    """Compare a .tflite model's outputs with the Keras model's; return a ``Verification``."""
+    expected = _keras_outputs(model, examples)
+    actual = run_tflite(content, examples, num_threads)
+    per_output = {}
+    for name, reference in expected.items():
+        if name not in actual:
+            raise RuntimeError(f"the TFLite model has no output {name!r}; it has "
+                               f"{sorted(actual)}.")
+        result = actual[name].astype(np.float32).reshape(reference.shape)
+        diff = np.abs(result - reference)
+        per_output[name] = {
+            "max_abs_diff": float(np.max(diff)) if diff.size else 0.0,
+            "cosine": _cosine(result, reference),
+        }
+        if not np.all(np.isfinite(result)):
+            per_output[name]["max_abs_diff"] = float("inf")
+    agreement = None
+    if len(expected) == 1:
+        (name, reference), = expected.items()
+        if reference.ndim == 2 and reference.shape[1] >= 2:
+            predicted = actual[name].reshape(reference.shape).argmax(axis=1)
+            agreement = float(np.mean(predicted == reference.argmax(axis=1)))
+    return Verification(
+        examples=len(examples),
+        max_abs_diff=max(o["max_abs_diff"] for o in per_output.values()),
+        cosine=min(o["cosine"] for o in per_output.values()),
+        label_agreement=agreement,
+        per_output=per_output,
+        tolerance=tolerance,
+    )
+
+
+def _layer_errors(model, serve, concrete, mode, calibration, sparse, quantization_aware,
+                  content, examples, top=10):
+    """Return ``[(tensor name, error, what the error is)]``, largest first."""
+    try:
+        if mode in _CALIBRATED and calibration is not None:
+            return _debugger_errors(model, serve, concrete, mode, calibration, sparse,
+                                    quantization_aware, top)
+        if mode == "float32":
+            return []
+        reference = _convert(_converter(model, serve, concrete, "float32", None, False, False))
+        return _tensor_errors(reference, content, examples[0], top)
+    except Exception as error:  # The breakdown is a diagnosis; never hide the failure.
+        logger.warning("per-layer error breakdown failed: %s", error)
+        return []
+
+
+def _debugger_errors(model, serve, concrete, mode, calibration, sparse,
+                     quantization_aware, top):
+    converter = _converter(model, serve, concrete, mode, calibration, sparse,
+                           quantization_aware)
+
+    def dataset():
+        # The debugger feeds a list in the interpreter's input order, which follows
+        # the sorted signature input names.
+        for example in calibration:
+            yield [example[name] for name in sorted(example)]
+
+    debugger = tf.lite.experimental.QuantizationDebugger(converter=converter,
+                                                         debug_dataset=dataset)
+    debugger.run()
+    rows = [(name, float(np.sqrt(stats["mean_squared_error"])), "rmse vs float")
+            for name, stats in debugger.layer_statistics.items()]
+    return sorted(rows, key=lambda row: -row[1])[:top]
+
+
+def _tensor_errors(reference_content, content, example, top):
+    """Compare same-named float intermediate tensors of two models on one example."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    values = []
+    for model_content in (reference_content, content):
+        interpreter = Interpreter(model_content=model_content,
+                                  experimental_preserve_all_tensors=True)
+        interpreter.get_signature_runner()(**example)
+        tensors = {}
+        for detail in interpreter.get_tensor_details():
+            if detail["dtype"] != np.float32:
+                continue
+            try:
+                tensors[detail["name"]] = interpreter.get_tensor(detail["index"])
+            except ValueError:
+                continue
+        values.append(tensors)
+    rows = []
+    for name, expected in values[0].items():
+        actual = values[1].get(name)
+        if actual is None or actual.shape != expected.shape or not expected.size:
+            continue
+        scale = float(np.max(np.abs(expected))) or 1.0
+        rows.append((name, float(np.max(np.abs(actual - expected))) / scale,
+                     "max abs error / max |float32 value|"))
+    return sorted(rows, key=lambda row: -row[1])[:top]
+
+
+def _failure_message(mode, failed, verification, layers):
+    lines = [f"the {mode} TFLite model differs from the Keras model beyond tolerance on "
+             f"{verification.examples} examples: {'; '.join(failed)}. Nothing was written."]
+    for name, stats in verification.per_output.items():
+        lines.append(f"  output {name}: max abs diff {stats['max_abs_diff']:.3g}, "
+                     f"cosine {stats['cosine']:.6f}")
+    if layers:
+        lines.append(f"Layers with the largest error ({layers[0][2]}):")
+        lines.extend(f"  {name}: {error:.4g}" for name, error, _ in layers)
+    lines.append("Use a milder mode, more representative calibration data, or pass a "
+                 "looser tolerance if this error is acceptable.")
+    return "\n".join(lines)
