@@ -1,8 +1,8 @@
 """tfcompress: make BERT-class Keras models small, measured from the bytes on disk."""
 
 from tfcompress import _keras  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-from tfcompress import bert, data, evaluate, export, text
+from tfcompress import bert, data, evaluate, export, layers, text
 
 __version__ = "0.1.0"
 
-__all__ = ["bert", "data", "evaluate", "export", "text", "__version__"]
+__all__ = ["bert", "data", "evaluate", "export", "layers", "text", "__version__"]
