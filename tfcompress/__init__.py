@@ -2,7 +2,8 @@
 
 from tfcompress import _keras  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 from tfcompress import bert, data, evaluate, export, layers, text
+from tfcompress.compress import CompressionReport, Recipe, Rule, compress, strip
 
 __version__ = "0.1.0"
 
-__all__ = ["bert", "data", "evaluate", "export", "layers", "text", "__version__"]
+__all__ = ["CompressionReport", "Recipe", "Rule", "compress", "strip", "bert", "data", "evaluate", "export", "layers", "text", "__version__"]
