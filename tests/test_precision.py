@@ -71,7 +71,17 @@ def _tiny_encoder_factory(config):
     return build_encoder(config)
 
 
-@pytest.mark.parametrize("factory", [_tiny_encoder_factory])
+def _low_rank_attention_factory(config):
+    from tfcompress.compress import Recipe, compress
+
+    recipe = Recipe.from_dict({"compress": [
+        {"match": r"transformer/layer_\d+/attention/(query|key|value|output)",
+         "low_rank": {"rank": 4}}]})
+    model, _ = compress(build_encoder(config), recipe)
+    return model
+
+
+@pytest.mark.parametrize("factory", [_tiny_encoder_factory, _low_rank_attention_factory])
 def test_fp16_half_masked_attention(tiny_config, factory):
     reference = factory(tiny_config)
     with policy_scope("mixed_float16"):

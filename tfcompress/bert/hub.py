@@ -44,7 +44,7 @@ from tfcompress._keras import check_model, keras, tf
 from tfcompress.bert.checks import check_vocab
 from tfcompress.bert.config import BertConfig
 from tfcompress.bert.encoder import INPUT_NAMES, build_encoder, encoder_config
-from tfcompress.bert.layers import MASK_BIAS
+from tfcompress.bert.layers import mask_scores
 
 logger = logging.getLogger(__name__)
 
@@ -157,9 +157,8 @@ class _HubBertEncoder(tf.train.Checkpoint):
                         epsilon)
         x = self._dropout(x, config.dropout_rate, training)
 
-        # Padded keys get MASK_BIAS added to their scores, as in the Keras encoder.
+        # Padded keys are masked as in the Keras encoder (tfcompress.bert.layers.mask_scores).
         mask = tf.cast(inputs["input_mask"], tf.float32)
-        score_bias = (1.0 - mask)[:, tf.newaxis, tf.newaxis, :] * MASK_BIAS
 
         encoder_outputs = []
         for i in range(config.num_layers):
@@ -173,7 +172,7 @@ class _HubBertEncoder(tf.train.Checkpoint):
             value += w[f"{p}/self_attention/value/bias"]
             head_size = int(query.shape[-1])
             scores = tf.einsum("bfnh,btnh->bnft", query, key) * (1.0 / math.sqrt(head_size))
-            probs = tf.nn.softmax(scores + score_bias, axis=-1)
+            probs = tf.nn.softmax(mask_scores(scores, mask), axis=-1)
             probs = self._dropout(probs, config.attention_dropout_rate, training)
             context = tf.einsum("bnft,btnh->bfnh", probs, value)
             attention = tf.einsum("bfnh,nhd->bfd", context,

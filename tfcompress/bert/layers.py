@@ -10,17 +10,31 @@ import math
 
 from tfcompress._keras import keras, tf
 
-# Added to the attention scores of padded keys. Scores and softmax run in float32, and
-# exp(-10000) is 0 in float32, so padded keys get zero weight while the constant stays
-# representable in float16 (max 65504) should a caller cast the bias down.
-MASK_BIAS = -10000.0
+# Padded keys are pushed this far below the smallest score of their row, so each gets at
+# most exp(-20) ~ 2e-9 of the weight of any attended key.
+MASK_MARGIN = 20.0
+
+
+def mask_scores(scores, mask):
+    """Push the attention scores of padded keys below every attended key's score.
+
+    ``scores`` is [batch, heads, seq_q, seq_k] and ``mask`` [batch, seq_k] (1 = attend).
+    The shift is the row's own score range plus ``MASK_MARGIN`` rather than a fixed large
+    constant such as -10000: the masked scores then stay within about twice the natural
+    score range, which int8 quantization of the softmax input can still resolve (a
+    -10000 bias makes the int8 step about 40), and nothing overflows in float16.
+    """
+    mask = tf.cast(mask, scores.dtype)[:, tf.newaxis, tf.newaxis, :]
+    spread = (tf.reduce_max(scores, axis=-1, keepdims=True)
+              - tf.reduce_min(scores, axis=-1, keepdims=True))
+    return scores - (1.0 - mask) * (tf.stop_gradient(spread) + MASK_MARGIN)
 
 
 @keras.utils.register_keras_serializable(package="tfcompress")
 class AttentionCore(keras.layers.Layer):
     """Scaled dot-product attention of projected queries, keys and values.
 
-    ``softmax(Q K^T / sqrt(d) + (1 - mask) * MASK_BIAS) V`` per head, where Q, K, V are
+    ``softmax(mask_scores(Q K^T / sqrt(d), mask)) V`` per head, where Q, K, V are
     [batch, seq, heads * d] projections split into ``num_heads`` heads of width
     ``head_size`` and ``mask`` is the [batch, seq] key mask (1 = attend, 0 = padding).
     The scores and the softmax are computed in float32 whatever the compute dtype.
@@ -61,9 +75,7 @@ class AttentionCore(keras.layers.Layer):
         k = self._split_heads(key)
         scores = tf.matmul(q, k, transpose_b=True)
         scores = tf.cast(scores, tf.float32) * (1.0 / math.sqrt(self.head_size))
-        mask = tf.cast(mask, tf.float32)[:, tf.newaxis, tf.newaxis, :]
-        scores += (1.0 - mask) * MASK_BIAS
-        return tf.nn.softmax(scores, axis=-1)
+        return tf.nn.softmax(mask_scores(scores, mask), axis=-1)
 
     def call(self, inputs, training=None):
         query, key, value, mask = inputs

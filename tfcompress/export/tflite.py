@@ -153,9 +153,15 @@ class ExportResult:
         return self.seq_length is not None
 
 
+# LayerNormalization's statistics stay float32 in int8 exports: BERT's epsilon is 1e-12,
+# so a small variance that rounds to the int8 zero point becomes rsqrt(1e-12) = 1e6 and
+# wrecks the layer's output.
+INT8_FLOAT_OPS = ("MEAN", "SQUARED_DIFFERENCE", "RSQRT")
+
+
 def to_tflite(model, path, mode="float32", representative_data=None, verify_data=None,
               sparse=False, seq_length=None, overwrite=False, tolerance=None,
-              num_threads=None):
+              num_threads=None, float_ops=INT8_FLOAT_OPS):
     """Convert ``model`` to a TFLite file at ``path``, verify it, and measure it.
 
     Args:
@@ -180,6 +186,10 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
       tolerance: a ``Tolerance`` (or a dict of its fields) replacing the mode's
         default in ``TOLERANCES``.
       num_threads: interpreter threads used for verification.
+      float_ops: TFLite operators kept in float32 in mode "int8" with
+        representative data, with quantize / dequantize around them. The default
+        keeps LayerNormalization's mean, variance and rsqrt in float (see
+        ``INT8_FLOAT_OPS``); pass ``()`` for a fully integer model.
 
     Returns:
       An ``ExportResult``.
@@ -252,7 +262,10 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
         )
     converter = _converter(model, serve, concrete, mode, calibration, sparse,
                            quantization_aware)
-    content = _convert(converter)
+    if mode == "int8" and calibration is not None and float_ops:
+        content = _convert_selective(converter, calibration, float_ops)
+    else:
+        content = _convert(converter)
     if mode == "int4":
         content = _quantize_int4(content)
     flatbuffer.check_builtin_ops(content)
@@ -469,19 +482,34 @@ def _layer_errors(model, serve, concrete, mode, calibration, sparse, quantizatio
         return []
 
 
-def _debugger_errors(model, serve, concrete, mode, calibration, sparse,
-                     quantization_aware, top):
-    converter = _converter(model, serve, concrete, mode, calibration, sparse,
-                           quantization_aware)
-
+def _debug_dataset(calibration):
     def dataset():
         # The debugger feeds a list in the interpreter's input order, which follows
         # the sorted signature input names.
         for example in calibration:
             yield [example[name] for name in sorted(example)]
 
-    debugger = tf.lite.experimental.QuantizationDebugger(converter=converter,
-                                                         debug_dataset=dataset)
+    return dataset
+
+
+def _convert_selective(converter, calibration, float_ops):
+    """Convert to int8 keeping the operators in ``float_ops`` in float32."""
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+                                           tf.lite.OpsSet.TFLITE_BUILTINS]
+
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops))
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=_debug_dataset(calibration), debug_options=options)
+    return debugger.get_nondebug_quantized_model()
+
+
+def _debugger_errors(model, serve, concrete, mode, calibration, sparse,
+                     quantization_aware, top):
+    converter = _converter(model, serve, concrete, mode, calibration, sparse,
+                           quantization_aware)
+
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=_debug_dataset(calibration))
     debugger.run()
     rows = [(name, float(np.sqrt(stats["mean_squared_error"])), "rmse vs float")
             for name, stats in debugger.layer_statistics.items()]

@@ -40,7 +40,7 @@ import warnings
 import numpy as np
 
 from tfcompress._keras import keras, tf
-from tfcompress.bert.layers import MASK_BIAS, AttentionCore
+from tfcompress.bert.layers import AttentionCore, mask_scores
 from tfcompress.layers.base import (
     CompressedDense,
     CompressedEinsumDense,
@@ -498,8 +498,7 @@ class QuantizedAttentionCore(AttentionCore):
         scores = tf.matmul(q, k, transpose_b=True)
         # Scores and softmax in float32 whatever the compute dtype, as in AttentionCore.
         scores = tf.cast(scores, tf.float32) * (1.0 / math.sqrt(self.head_size))
-        mask = tf.cast(mask, tf.float32)[:, tf.newaxis, tf.newaxis, :]
-        scores += (1.0 - mask) * MASK_BIAS
+        scores = mask_scores(scores, mask)
         if self.quantize_softmax:
             scores = self.quantizers["scores"](scores, training=training)
         probs = tf.nn.softmax(scores, axis=-1)
