@@ -2,7 +2,7 @@
 
 Every size is measured from the bytes on disk. A SavedModel folder's size is the sum
 of its file sizes, and its gzip size is that of an uncompressed tar of the folder
-(files in sorted order, times zeroed) compressed with gzip level 9.
+(files in sorted order, times zeroed) compressed with gzip level 6.
 """
 
 import dataclasses
@@ -185,7 +185,7 @@ class SizeReport:
         return json.dumps({"variants": self.rows(),
                            "keras_baseline": getattr(self.keras_baseline, "name", None),
                            "tflite_baseline": getattr(self.tflite_baseline, "name", None),
-                           "folder_gzip": "gzip level 9 of an uncompressed tar"},
+                           "folder_gzip": "gzip level 6 of an uncompressed tar"},
                           indent=2)
 
     def to_markdown(self):

@@ -123,7 +123,7 @@ class ExportResult:
       path: the written file.
       mode: one of ``MODES``.
       bytes: file size on disk.
-      gzip_bytes: size of the file's bytes gzip-compressed at level 9.
+      gzip_bytes: size of the file's bytes gzip-compressed at level 6 (the gzip command's default).
       sparsity: fraction of exact zeros in the stored constant tensors of rank >= 2.
       sparse_tensors: how many of those tensors are stored sparse-encoded.
       verification: a ``Verification``, or None when no data was given.
