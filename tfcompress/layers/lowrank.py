@@ -138,6 +138,28 @@ def rank_for_energy(singular_values, energy):
     return int(np.searchsorted(kept, energy - 1e-12) + 1)
 
 
+def thin_svd(matrix):
+    """Return the thin SVD ``(U, s, Vt)`` of a 2-D matrix, in float64, s descending.
+
+    It goes through the eigendecomposition of the smaller Gram matrix instead of
+    ``np.linalg.svd``: with the OpenBLAS 0.3.31 that numpy 2.4 ships, gesdd took 49 s on
+    a 30522x384 word-embedding table on 2 cores, this 0.4 s. In float64 the Gram route
+    only loses singular values below about 1e-8 of the largest, which truncation drops.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    wide = matrix.shape[0] < matrix.shape[1]
+    tall = matrix.T if wide else matrix
+    eigenvalues, vectors = np.linalg.eigh(tall.T @ tall)
+    order = np.argsort(eigenvalues)[::-1]
+    singular = np.sqrt(np.clip(eigenvalues[order], 0.0, None))
+    vectors = vectors[:, order]
+    # Columns for zero singular values stay zero; they carry no weight in U diag(s) Vt.
+    left = (tall @ vectors) / np.where(singular > 0.0, singular, 1.0)
+    if wide:
+        return vectors, singular, left.T
+    return left, singular, vectors.T
+
+
 def factorize(matrix, rank, gram=None, rows=None):
     """Return the float32 factors (A [in, rank], B [rank, out]) of a 2-D kernel matrix.
 
@@ -147,7 +169,7 @@ def factorize(matrix, rank, gram=None, rows=None):
     """
     matrix = np.asarray(matrix, dtype=np.float64)
     if gram is None:
-        u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+        u, s, vt = thin_svd(matrix)
         root = np.sqrt(s[:rank])
         return ((u[:, :rank] * root).astype(np.float32),
                 (root[:, None] * vt[:rank]).astype(np.float32))
@@ -155,7 +177,7 @@ def factorize(matrix, rank, gram=None, rows=None):
     covariance = gram / rows
     eps = 1e-6 * max(float(np.trace(covariance)) / covariance.shape[0], 1e-30)
     lower = np.linalg.cholesky(covariance + eps * np.eye(covariance.shape[0]))
-    u, s, vt = np.linalg.svd(lower.T @ matrix, full_matrices=False)
+    u, s, vt = thin_svd(lower.T @ matrix)
     root = np.sqrt(s[:rank])
     # A = L^{-T} U_r sqrt(S_r), solved instead of inverting L.
     a = np.linalg.solve(lower.T, u[:, :rank] * root)
@@ -291,9 +313,9 @@ def low_rank(layer, rank=None, energy=None, calibration_inputs=None, method="svd
             covariance = gram / count
             eps = 1e-6 * max(float(np.trace(covariance)) / rows, 1e-30)
             lower = np.linalg.cholesky(covariance + eps * np.eye(rows))
-            spectrum = np.linalg.svd(lower.T @ matrix, compute_uv=False)
+            spectrum = thin_svd(lower.T @ matrix)[1]
         else:
-            spectrum = np.linalg.svd(np.asarray(matrix, np.float64), compute_uv=False)
+            spectrum = thin_svd(matrix)[1]
         rank = rank_for_energy(spectrum, energy)
         logger.info("Layer %s: energy %.4f keeps rank %d of %d.", layer.name, energy, rank,
                     min(rows, columns))
@@ -333,8 +355,7 @@ def select_ranks(layers, budget):
     for layer in layers:
         matrix, _ = _source_matrix(layer)
         rows, columns = matrix.shape
-        spectra.append(np.square(np.linalg.svd(np.asarray(matrix, np.float64),
-                                               compute_uv=False)))
+        spectra.append(np.square(thin_svd(matrix)[1]))
         costs.append(rows + columns)
         caps.append(max(1, (rows * columns - 1) // (rows + columns)))
 
