@@ -29,4 +29,4 @@ test-fast: install-test
 	$(PYTHON) -m pytest -m "not slow and not heavy" -q
 
 bench: install-test
-	$(PYTHON) -m bench.run
+	$(PYTHON) -m bench.run --job-dir $(OUT) --out bench/out

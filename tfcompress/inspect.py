@@ -103,19 +103,45 @@ def inspect_tflite(path):
     return "\n".join(parts)
 
 
-def inspect_path(path, batch_size=32, seq_length=128):
-    """Inspect a .tflite file, a .keras file or a SavedModel folder; return Markdown."""
+def model_kind(path):
+    """Return "tflite", "keras" (a .keras or .h5 file) or "savedmodel" for a model path.
+
+    Raises:
+      FileNotFoundError: nothing exists at ``path``.
+      ValueError: ``path`` is not one of those three kinds.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model not found: {path!r}.")
+    if os.path.isfile(path) and path.endswith(".tflite"):
+        return "tflite"
+    if os.path.isfile(path) and path.endswith((".keras", ".h5")):
+        return "keras"
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return "savedmodel"
+    raise ValueError(
+        f"cannot read a model from {path!r}: expected a .tflite file, a .keras file or a "
+        "SavedModel folder (one that contains saved_model.pb)."
+    )
+
+
+def load_keras_model(path):
+    """Load a .keras file or a Keras SavedModel folder without compiling it.
+
+    Raises:
+      FileNotFoundError, ValueError: as ``model_kind``, and ValueError for a .tflite file.
+    """
+    if model_kind(path) == "tflite":
+        raise ValueError(f"{path!r} is a TFLite file; this step needs a Keras model (a "
+                         ".keras file or a SavedModel folder).")
+    import tfcompress  # noqa: F401  (registers the custom layers before loading)
     from tfcompress._keras import keras
 
-    if os.path.isfile(path) and path.endswith(".tflite"):
-        return inspect_tflite(path)
-    is_saved_model = os.path.isdir(path) and os.path.isfile(os.path.join(path, "saved_model.pb"))
-    if not (is_saved_model or path.endswith((".keras", ".h5"))):
-        raise ValueError(
-            f"cannot inspect {path!r}: expected a .tflite file, a .keras file or a SavedModel "
-            "folder (one that contains saved_model.pb)."
-        )
-    import tfcompress  # noqa: F401  (registers the custom layers before loading)
+    return keras.models.load_model(path, compile=False)
 
-    model = keras.models.load_model(path, compile=False)
+
+def inspect_path(path, batch_size=32, seq_length=128):
+    """Inspect a .tflite file, a .keras file or a SavedModel folder; return Markdown."""
+    if model_kind(path) == "tflite":
+        return inspect_tflite(path)
+    model = load_keras_model(path)
     return inspect_keras(model, batch_size=batch_size, seq_length=seq_length)

@@ -45,7 +45,8 @@ DEFAULTS = {
     "recovery": {"epochs": 1, "batch_size": 32, "learning_rate": 5e-5, "precision": "float32",
                  "distill_alpha": 0.5, "temperature": 2.0},
     "compress": [],
-    "export": {"baseline_modes": ["float32", "dynamic", "int8"], "modes": ["int8"]},
+    "export": {"baseline_modes": ["float32", "dynamic", "int8"], "modes": ["int8"],
+               "tolerance": {}},
     "evaluate": {"latency_runs": 50, "warmup_runs": 5, "num_threads": None},
 }
 
@@ -70,6 +71,12 @@ def load_job_recipe(path, quick=False):
         resolved = _merge(resolved, raw.get("quick", {}))
     resolved["quick"] = bool(quick)
 
+    modes = set(resolved["export"]["baseline_modes"]) | set(resolved["export"]["modes"])
+    from tfcompress.export import MODES
+
+    unknown_modes = sorted(modes - set(MODES))
+    if unknown_modes:
+        raise ValueError(f"export modes {unknown_modes} are unknown; choose from {list(MODES)}.")
     for section in ("model", "data", "train", "recovery", "export", "evaluate"):
         extra = sorted(set(resolved[section]) - set(DEFAULTS[section]))
         if extra:
@@ -362,11 +369,12 @@ def step_export(recipe, out):
         try:
             result = to_tflite(loaded[source], path, mode=mode,
                                representative_data=representative, verify_data=verify,
-                               seq_length=recipe["data"]["seq_length"], overwrite=True)
-        except VerificationError as error:
-            # A variant that fails verification is reported as such, not shipped, and does
-            # not stop the other exports.
-            logger.warning("export: %s failed verification:\n%s", name, error)
+                               seq_length=recipe["data"]["seq_length"], overwrite=True,
+                               tolerance=recipe["export"]["tolerance"].get(mode))
+        except (VerificationError, NotImplementedError) as error:
+            # A variant that fails verification, or that the runtime cannot run, is
+            # reported as such, not shipped, and does not stop the other exports.
+            logger.warning("export: %s failed:\n%s", name, error)
             results[name] = {"path": None, "mode": mode, "failed": str(error).splitlines()[0]}
             continue
         verification = result.verification
@@ -426,7 +434,26 @@ def step_evaluate(recipe, out):
     return [path]
 
 
-def step_report(recipe, out, started):
+def regenerate_report(out):
+    """Rewrite the report files of a finished job folder from its evaluation.json.
+
+    The wall time recorded in an existing summary.json is kept.
+    """
+    recipe_path = os.path.join(out, "recipe.resolved.yaml")
+    if not os.path.isfile(recipe_path):
+        raise FileNotFoundError(f"{out!r} has no recipe.resolved.yaml; run "
+                                f"`tfcompress run RECIPE --out {out}` to write it.")
+    with open(recipe_path, encoding="utf-8") as f:
+        recipe = yaml.safe_load(f)
+    wall_seconds = None
+    summary_path = os.path.join(out, "summary.json")
+    if os.path.isfile(summary_path):
+        with open(summary_path, encoding="utf-8") as f:
+            wall_seconds = json.load(f).get("wall_seconds")
+    return step_report(recipe, out, wall_seconds)
+
+
+def step_report(recipe, out, wall_seconds):
     from tfcompress.export import SizeReport, Variant
 
     with open(os.path.join(out, "evaluation.json"), encoding="utf-8") as f:
@@ -447,8 +474,8 @@ def step_report(recipe, out, started):
     paths = report.save(out)
     if evaluation["failed_exports"]:
         with open(paths["md"], "a", encoding="utf-8") as f:
-            f.write("\nExports that failed verification against their Keras model and were "
-                    "not written:\n\n")
+            f.write("\nExports that failed (verification against their Keras model, or a "
+                    "mode the runtime cannot run) and were not written:\n\n")
             for name, message in evaluation["failed_exports"].items():
                 f.write(f"- {name}: {message}\n")
 
@@ -457,7 +484,7 @@ def step_report(recipe, out, started):
     baseline = rows["baseline float32 SavedModel"]
     compressed = [r for n, r in rows.items() if n.startswith("compressed ") and r["kind"] == "tflite"]
     summary = {"examples": evaluation["examples"], "quick": recipe["quick"],
-               "baseline_accuracy": baseline["accuracy"], "wall_seconds": round(time.time() - started)}
+               "baseline_accuracy": baseline["accuracy"], "wall_seconds": wall_seconds}
     if compressed:
         best = min(compressed, key=lambda r: r["bytes"])
         summary.update(
@@ -516,7 +543,7 @@ def run_job(recipe_path, out, quick=False, force=False):
     runners = {"data": step_data, "baseline": step_baseline, "compress": step_compress,
                "recovery": step_recovery, "strip": step_strip, "export": step_export,
                "evaluate": step_evaluate,
-               "report": lambda r, o: step_report(r, o, started)}
+               "report": lambda r, o: step_report(r, o, round(time.time() - started))}
     previous_key = ""
     rerun = False
     for number, step in enumerate(STEPS, start=1):
