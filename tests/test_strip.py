@@ -83,3 +83,35 @@ def test_strip_plain_model_is_copy():
 def test_strip_rejects_non_model():
     with pytest.raises(TypeError, match="must be a tf_keras Model"):
         strip(keras.layers.Dense(2))
+
+
+def test_fold_quantization_leaves_float_graph(tiny_encoder):
+    from tfcompress.bert import AttentionCore
+    from tfcompress.compress import Recipe
+    from tfcompress.layers import QuantizedAttentionCore, calibrate
+
+    model = classifier(tiny_encoder, num_classes=3)
+    recipe = Recipe.from_dict({"compress": [
+        {"match": r"transformer/layer_\d+/ffn/(intermediate|output)",
+         "prune": {"sparsity": 0.5}, "quantize": {"mode": "qat", "bits": 8}},
+        {"match": r"transformer/layer_\d+/attention/core", "quantize": {"mode": "qat"}}]})
+    inputs = random_inputs(batch=8, seq=12)
+    qat, _ = compress(model, recipe, calibration_data=inputs)
+    calibrate(qat, inputs)
+
+    folded = strip(qat, fold_quantization=True)
+    layers = {layer.name: layer for layer in folded.layers}
+    core = layers["transformer/layer_0/attention/core"]
+    assert type(core) is AttentionCore
+    assert not isinstance(core, QuantizedAttentionCore)
+    dense = layers["transformer/layer_0/ffn/intermediate"]
+    assert type(dense) is keras.layers.Dense
+    # The stored kernel is the effective one: pruned (exactly half zeros) and on the
+    # int8 grid of the fake quantization, so at most 255 distinct values.
+    source = {layer.name: layer for layer in qat.layers}["transformer/layer_0/ffn/intermediate"]
+    expected = source.effective_kernel("kernel", training=False).numpy()
+    np.testing.assert_array_equal(dense.kernel.numpy(), expected)
+    assert np.mean(dense.kernel.numpy() == 0) == 0.5
+    assert len(np.unique(dense.kernel.numpy())) <= 255
+    names = [w.name for w in folded.weights]
+    assert not [n for n in names if "range" in n or "quantizer" in n or "mask" in n]

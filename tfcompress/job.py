@@ -325,10 +325,15 @@ def step_recovery(recipe, out):
 def step_strip(recipe, out):
     from tfcompress.compress import strip
 
-    model = strip(_load_model(os.path.join(out, "models", "recovered.keras")))
+    recovered = _load_model(os.path.join(out, "models", "recovered.keras"))
+    model = strip(recovered)
+    # The same model with its fake quantization folded into the kernels: the float graph
+    # that the weight-quantizing modes (dynamic, int4) and float modes convert.
+    folded = strip(recovered, fold_quantization=True)
     models = os.path.join(out, "models")
     return [_save_model(model, os.path.join(models, "compressed_inference.keras")),
-            _save_model(model, os.path.join(models, "compressed_savedmodel"))]
+            _save_model(model, os.path.join(models, "compressed_savedmodel")),
+            _save_model(folded, os.path.join(models, "compressed_folded.keras"))]
 
 
 # --------------------------------------------------------------------------- export, evaluate
@@ -347,8 +352,12 @@ def _export_plan(recipe, out):
         plan.append((f"baseline {mode}", os.path.join(models, "baseline.keras"), mode,
                      os.path.join(folder, f"baseline_{mode}.tflite")))
     for mode in recipe["export"]["modes"]:
-        plan.append((f"compressed {mode}", os.path.join(models, "compressed_inference.keras"),
-                     mode, os.path.join(folder, f"compressed_{mode}.tflite")))
+        # int8 and int16x8 convert the fake-quant ranges learned in training; the other
+        # modes quantize weights themselves, so they start from the folded float graph.
+        source = ("compressed_inference.keras" if mode in ("int8", "int16x8")
+                  else "compressed_folded.keras")
+        plan.append((f"compressed {mode}", os.path.join(models, source), mode,
+                     os.path.join(folder, f"compressed_{mode}.tflite")))
     return plan
 
 

@@ -11,7 +11,7 @@ logger = logging.getLogger(__name__)
 TRAINING_ONLY_NAMES = ("mask", "threshold", "pruning_step")
 
 
-def strip(model):
+def strip(model, fold_quantization=False):
     """Return an inference copy of ``model`` without training-only state.
 
     Every layer with a ``strip()`` method (the tfcompress compressed layers) is replaced
@@ -21,6 +21,10 @@ def strip(model):
     Dense. Fake-quant ranges stay because the TFLite converter needs them. Other layers
     are copied with their weights. The copy is not compiled, so it has no optimizer
     state, and ``model`` is not modified.
+
+    With ``fold_quantization=True`` the fake quantization is folded as well: kernels
+    hold their quantized values and no fake-quant op is left, which is the float graph
+    that TFLite's dynamic-range and ai-edge-quantizer's int4 modes quantize themselves.
     """
     from tfcompress.layers import strip_layer
 
@@ -29,7 +33,7 @@ def strip(model):
     def replace_layer(layer):
         if not callable(getattr(layer, "strip", None)):
             return None
-        return strip_layer(layer)
+        return strip_layer(layer, fold_quantization=fold_quantization)
 
     stripped, _ = graph.rebuild(model, replace_layer)
     left = [v.name for v in stripped.weights

@@ -309,12 +309,18 @@ class KernelLayer(keras.layers.Layer, PrunableLayer):
 
     # ---- strip ------------------------------------------------------------------------
 
-    def strip(self):
+    def strip(self, fold_quantization=False):
         """Return a new built inference layer: dropped transforms folded into the kernels.
 
         A transform whose ``strip()`` returns None is folded by its ``strip_value``; the
         others are kept (as returned by their ``strip()``) with their variables copied.
         ``standard_layer()`` then may turn the result into a plain Keras layer.
+
+        Args:
+          fold_quantization: fold every transform, fake quantization included, so the
+            stored kernels are the effective (quantized) values and the layer has no
+            input quantizer: a float graph for converters that quantize weights
+            themselves (TFLite dynamic range, ai-edge-quantizer).
         """
         if not self.built:
             raise ValueError(f"Layer {self.name!r} must be built before strip().")
@@ -324,6 +330,9 @@ class KernelLayer(keras.layers.Layer, PrunableLayer):
         for name in self.kernel_names:
             value = getattr(self, name).numpy()
             kept[name] = []
+            if fold_quantization:
+                values[name] = self.effective_kernel(name, training=False).numpy()
+                continue
             for transform in self.transforms[name]:
                 stripped = transform.strip()
                 if stripped is None:
@@ -345,7 +354,10 @@ class KernelLayer(keras.layers.Layer, PrunableLayer):
         config["kernel_transforms"] = {
             name: [serialize_transform(t) for t in kept[name]] for name in self.kernel_names}
         quantizer = self.input_quantizer
-        if quantizer is not None and hasattr(quantizer, "strip"):
+        if fold_quantization:
+            config["input_quantizer"] = None
+            quantizer = None
+        elif quantizer is not None and hasattr(quantizer, "strip"):
             stripped_quantizer = quantizer.strip()
             config["input_quantizer"] = (
                 None if stripped_quantizer is None
@@ -832,18 +844,23 @@ class LowRankEinsumDense(_EinsumMixin, _DenseMixin, KernelLayer):
 
 # ---- functions over any layer ------------------------------------------------------------
 
-def strip_layer(layer):
+def strip_layer(layer, fold_quantization=False):
     """Return the inference form of ``layer``: training-only state folded and removed.
 
     A layer with a ``strip()`` method (every ``KernelLayer``) returns its result: masks
     folded into the kernels, no mask or step variables, and a plain keras Dense or
-    EinsumDense when no transform or input quantizer is left. Other layers come back as
-    they are.
+    EinsumDense when no transform or input quantizer is left. With
+    ``fold_quantization`` the fake quantization is folded into the kernels too, and a
+    quantized attention core becomes a plain one. Other layers come back as they are.
     """
     strip = getattr(layer, "strip", None)
-    if callable(strip):
-        return strip()
-    return layer
+    if not callable(strip):
+        return layer
+    if fold_quantization and isinstance(layer, KernelLayer):
+        return strip(fold_quantization=True)
+    if fold_quantization and callable(getattr(layer, "fold_quantization", None)):
+        return layer.fold_quantization()
+    return strip()
 
 
 def parameter_count(layer):

@@ -511,6 +511,12 @@ class QuantizedAttentionCore(AttentionCore):
         batch, seq = tf.shape(context)[0], tf.shape(context)[1]
         return tf.reshape(context, [batch, seq, self.num_heads * self.head_size])
 
+    def fold_quantization(self):
+        """Return a plain ``AttentionCore`` with the same heads: no fake quantization."""
+        core = AttentionCore(self.num_heads, self.head_size, self.dropout_rate,
+                             name=self.name, dtype=self.dtype_policy)
+        return core
+
     def strip(self):
         """Return the inference core: the same ranges, fixed, without update counters."""
         config = self.get_config()
