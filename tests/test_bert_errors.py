@@ -178,3 +178,25 @@ def test_check_model_rejects_hub_layer(linear_saved_model):
     assert "hub.KerasLayer 'linear_hub'" in message
     assert "tfcompress.bert.from_hub" in message
     assert check_model(model, allow_hub_layer=True) is model
+
+
+def test_huggingface_config_with_fewer_layers(tmp_path):
+    from safetensors.numpy import save_file
+
+    from tfcompress.bert import BertConfig, build_encoder
+    from tfcompress.bert.huggingface import _weight_map
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    encoder = build_encoder(config)
+    layers = {layer.name: layer for layer in encoder.layers}
+    tensors = {}
+    for (layer_name, index), (tensor_name, transpose) in _weight_map(config).items():
+        value = layers[layer_name].weights[index].numpy()
+        tensors[tensor_name] = value.T.copy() if transpose else value
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32}))
+    with pytest.raises(ValueError, match="num_hidden_layers=1"):
+        from_huggingface(str(tmp_path))

@@ -56,6 +56,13 @@ def test_recipe_defaults_filled(tmp_path):
     ({"data": {"source": "parquet"}}, "data.source must be tweets or csv; received 'parquet'"),
     ("train: {epochs: [1\n", "is not valid YAML"),
     ("- just\n- a list\n", "must be a mapping of sections; received list"),
+    ({"train": 5}, "recipe section 'train'"),
+    ({"compress": {"match": "pooler"}}, "recipe section 'compress'"),
+    ({"train": {"batch_size": 0}}, "train.batch_size must be a positive integer; received 0"),
+    ({"recovery": {"precision": "float64"}}, "recovery.precision must be float32"),
+    ({"data": {"seq_length": 2}}, "data.seq_length must be at least 3"),
+    ({"model": {"pooling": "cls"}}, "model.pooling must be mean or pooled; received 'cls'"),
+    ({"export": {"modes": "int8"}}, "export.modes must be a list"),
 ])
 def test_recipe_errors(tmp_path, content, message):
     with pytest.raises(ValueError) as error:
@@ -201,6 +208,23 @@ def test_run_job_rejects_file_as_out(tmp_path, fake_steps):
 
 
 # --------------------------------------------------------------------------- real quick run
+
+
+def test_run_job_checks_rules_before_work(tmp_path):
+    recipe = write_recipe(tmp_path, {"compress": [
+        {"match": r"transformer/layer_\d+/ffn/intermediat", "low_rank": {"rank": 8}}]})
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as error:
+        job.run_job(recipe, str(out), quick=True)
+    assert "transformer/layer_5/ffn/intermediate" in str(error.value)
+    assert not out.exists()
+
+
+def test_run_job_checks_sequence_length(tmp_path):
+    recipe = write_recipe(tmp_path, {"data": {"seq_length": 600}})
+    with pytest.raises(ValueError, match="exceeds the model's 512 position embeddings"):
+        job.run_job(recipe, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

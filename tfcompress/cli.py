@@ -152,7 +152,7 @@ def _print_summary(out, summary):
               f"{summary['size_reduction']:.1f}x smaller than the float32 SavedModel, "
               f"accuracy {summary['compressed_accuracy']:.4f} vs baseline "
               f"{summary['baseline_accuracy']:.4f} "
-              f"({summary['accuracy_drop_points']:+.2f} points lost)")
+              f"({-summary['accuracy_drop_points']:+.2f} points)")
     else:
         print("compressed: no compressed TFLite model passed verification (see the "
               "failed exports above)")

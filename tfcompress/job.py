@@ -65,12 +65,20 @@ def load_job_recipe(path, quick=False):
     unknown = sorted(set(raw) - set(_SECTIONS))
     if unknown:
         raise ValueError(f"recipe {path!r} has unknown sections {unknown}; known sections: {list(_SECTIONS)}.")
+    for section, value in raw.items():
+        expected = list if section == "compress" else dict
+        if not isinstance(value, expected):
+            raise ValueError(
+                f"recipe section {section!r} in {path!r} must be a "
+                f"{'list of rules' if expected is list else 'mapping of keys'}; received "
+                f"{value!r}.")
     resolved = _merge(DEFAULTS, {k: v for k, v in raw.items() if k != "quick"})
     resolved["compress"] = raw.get("compress", [])
     if quick:
         resolved = _merge(resolved, raw.get("quick", {}))
     resolved["quick"] = bool(quick)
 
+    _check_values(resolved)
     modes = set(resolved["export"]["baseline_modes"]) | set(resolved["export"]["modes"])
     from tfcompress.export import MODES
 
@@ -95,6 +103,71 @@ def load_job_recipe(path, quick=False):
     if resolved["data"]["source"] == "csv" and not os.path.isfile(resolved["data"]["path"]):
         raise FileNotFoundError(f"data.path not found: {resolved['data']['path']!r}.")
     return resolved
+
+
+def _check_values(resolved):
+    """Check the training, data and export values of a resolved recipe before any work."""
+    def positive_int(section, key, allow_none=False):
+        value = resolved[section][key]
+        if allow_none and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{section}.{key} must be a positive integer"
+                             f"{' or null' if allow_none else ''}; received {value!r}.")
+
+    def positive_number(section, key):
+        value = resolved[section][key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{section}.{key} must be a positive number; received {value!r}.")
+
+    for section in ("train", "recovery"):
+        positive_int(section, "epochs")
+        positive_int(section, "batch_size")
+        positive_number(section, "learning_rate")
+        precision = resolved[section]["precision"]
+        if precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
+            raise ValueError(f"{section}.precision must be float32, mixed_float16 or "
+                             f"mixed_bfloat16; received {precision!r}.")
+    positive_int("data", "seq_length")
+    if resolved["data"]["seq_length"] < 3:
+        raise ValueError("data.seq_length must be at least 3 ([CLS], one token, [SEP]); "
+                         f"received {resolved['data']['seq_length']!r}.")
+    for key in ("max_train", "max_validation", "max_test"):
+        positive_int("data", key, allow_none=True)
+    if resolved["model"]["pooling"] not in ("mean", "pooled"):
+        raise ValueError(f"model.pooling must be mean or pooled; received "
+                         f"{resolved['model']['pooling']!r}.")
+    for key in ("baseline_modes", "modes"):
+        if not isinstance(resolved["export"][key], list):
+            raise ValueError(f"export.{key} must be a list of modes such as [float32, "
+                             f"dynamic]; received {resolved['export'][key]!r}.")
+
+
+def _check_against_model(recipe):
+    """Check the compression rules and the sequence length against the model's shape.
+
+    The encoder is built from its config alone (random weights, no download), so a
+    rule that matches no layer fails in seconds instead of after the baseline training.
+    A TF-Hub source is only checked once it has been loaded.
+    """
+    from tfcompress import bert
+    from tfcompress.compress import Recipe
+    from tfcompress.compress import graph
+
+    model = recipe["model"]
+    if model["source"] == "hub":
+        return
+    folder = bert.minilm_folder() if model["source"] == "minilm" else model["path"]
+    config = bert.BertConfig.from_huggingface(os.path.join(folder, "config.json"))
+    seq_length = recipe["data"]["seq_length"]
+    if seq_length > config.max_position_embeddings:
+        raise ValueError(
+            f"data.seq_length={seq_length} exceeds the model's "
+            f"{config.max_position_embeddings} position embeddings; use at most "
+            f"{config.max_position_embeddings}.")
+    skeleton = bert.classifier(bert.build_encoder(config), num_classes=2,
+                               pooling=recipe["model"]["pooling"])
+    Recipe.from_dict({"compress": recipe["compress"]}).resolve(graph.layer_table(skeleton))
 
 
 # --------------------------------------------------------------------------- step markers
@@ -186,6 +259,11 @@ def step_data(recipe, out):
         if data[limit_key]:
             split = split.subsample(data[limit_key])
         labels = np.asarray(split.labels, np.int32)
+        if len(labels) == 0:
+            raise ValueError(
+                f"the {split_name} split has no examples ({len(splits.train)} train, "
+                f"{len(splits.validation)} validation, {len(splits.test)} test after "
+                "cleaning); the data needs at least a few dozen labelled rows per class.")
         arrays = encode_numpy(preprocessor, split.texts)
         path = os.path.join(folder, f"{split_name}.npz")
         np.savez(path + ".tmp.npz", labels=labels, **arrays)
@@ -250,10 +328,17 @@ def _save_model(model, path):
     temporary = path + ".tmp" + (".keras" if path.endswith(".keras") else "")
     if os.path.isdir(temporary):
         shutil.rmtree(temporary)
+    # Without the optimizer: its AdamW slots would triple the file (271 MB instead of 92 MB
+    # for MiniLM) and the size the report compares against. The native .keras format has
+    # no include_optimizer argument, so the optimizer is detached while saving.
     if path.endswith(".keras"):
-        model.save(temporary)
+        optimizer = getattr(model, "optimizer", None)
+        model.optimizer = None
+        try:
+            model.save(temporary)
+        finally:
+            model.optimizer = optimizer
     else:
-        # Without the optimizer: its slots would triple the size the report compares against.
         model.save(temporary, include_optimizer=False)
     if os.path.isdir(path):
         shutil.rmtree(path)
@@ -529,11 +614,9 @@ def run_job(recipe_path, out, quick=False, force=False):
     recipe = load_job_recipe(recipe_path, quick=quick)
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"--out {out!r} exists and is not a folder; choose another path.")
-    os.makedirs(out, exist_ok=True)
     # Validate the compression rules before any training, so a typo fails in seconds.
-    from tfcompress.compress import Recipe
-
-    Recipe.from_dict({"compress": recipe["compress"]})
+    _check_against_model(recipe)
+    os.makedirs(out, exist_ok=True)
 
     resolved_path = os.path.join(out, "recipe.resolved.yaml")
     with open(resolved_path + ".tmp", "w", encoding="utf-8") as f:

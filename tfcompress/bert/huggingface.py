@@ -102,6 +102,13 @@ def from_huggingface(folder, name="bert_encoder"):
             )
             continue
         assignments.append((variable, value))
+    # Tensors of blocks the config does not describe (a config.json with fewer layers than
+    # the checkpoint) would otherwise be dropped without a word.
+    used = {tensor_name for tensor_name, _ in _weight_map(config).values()}
+    extra = sorted(k for k in weights if k not in used and k.startswith("encoder.layer."))
+    if extra:
+        problems.append(f"{len(extra)} tensors such as {extra[0]} belong to layers that "
+                        f"config.json (num_hidden_layers={config.num_layers}) does not have")
     if problems:
         shown = "; ".join(problems[:5])
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
