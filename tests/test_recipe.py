@@ -83,6 +83,8 @@ INVALID_RULES = [
      r"method must be one of \['svd', 'activation'\]; received 'qr'"),
     ({"match": "a", "prune": {"sparsity": 1.0}}, r"sparsity must be in \[0, 1\); received 1.0"),
     ({"match": "a", "prune": {"sparsity": -0.1}}, r"received -0.1"),
+    ({"match": "a", "prune": {"sparsity": "0.5"}},
+     r"sparsity must be a number in \[0, 1\); received '0.5' \(str\)"),
     ({"match": "a", "prune": {"pattern": "4:2"}}, r"0 < N < M .*received '4:2'"),
     ({"match": "a", "prune": {"pattern": "2:2"}}, r"received '2:2'"),
     ({"match": "a", "prune": {"pattern": "2-4"}}, r"received '2-4'"),

@@ -382,6 +382,9 @@ def _read_saved_model(folder):
                 f"{pb_path!r} is not a valid SavedModel protobuf ({error}); export the "
                 "model again or pass another folder."
             ) from None
+    if not saved_model.meta_graphs:
+        raise ValueError(f"{pb_path!r} holds no MetaGraph (an empty or truncated file); "
+                         "export the model again or pass another folder.")
     meta_graph = saved_model.meta_graphs[0]
     signatures = sorted(k for k in meta_graph.signature_def if not k.startswith("__"))
     op_types = {node.op for function in meta_graph.graph_def.library.function

@@ -297,10 +297,13 @@ class _ArgumentChecker:
         if not self._fill(key, default if default is not None else _MISSING):
             return
         value = self.args[key]
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        if not _is_number(value):
+            raise RecipeError(f"{self.where}.{key} must be a number in {interval}; received "
+                              f"{value!r} ({type(value).__name__}); write it without quotes.")
         above = value > low if low_open else value >= low
         below = value < high if high_open else value <= high
-        if not _is_number(value) or not (above and below):
-            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        if not (above and below):
             raise RecipeError(f"{self.where}.{key} must be in {interval}; received {value!r}.")
         self.args[key] = float(value)
 
