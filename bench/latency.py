@@ -140,7 +140,9 @@ def _main_job_files(job):
     for variant in common.read_main_job_report(job.report_json):
         path = variant.get("path")
         if variant.get("kind") == "tflite" and path:
-            if not os.path.isabs(path):
+            # report.json paths are as the job was given its output folder: absolute, or
+            # relative to the directory it ran in, or to the folder itself.
+            if not os.path.isfile(path):
                 path = os.path.join(job.folder, path)
             if os.path.isfile(path):
                 files.append((variant.get("name", os.path.basename(path)), path))

@@ -111,7 +111,7 @@ def run(settings):
         "rows": rows.rows,
         "notes": [
             "Sizes are bytes on disk; a folder's gzip size is that of a tar of its files "
-            "at gzip level 9 (tfcompress.export.measure_path).",
+            "at gzip level 6 (tfcompress.export.measure_path).",
             "Accuracy and macro F1 come from one model each on the same test split, so "
             "they are exact for that model; they carry no run-to-run spread.",
             "Plain TFLite rows use tf.lite.TFLiteConverter on a batch-1 concrete function "
