@@ -1,8 +1,8 @@
 """The main job: recipe -> fine-tuned float baseline -> compressed, recovered, exported, evaluated.
 
-Every step writes its outputs under the output folder and a marker in ``.steps/`` with
-a key (a hash of the recipe sections the step reads and of the keys of the steps it
-depends on) and the size of each output file. A rerun of the same command skips a step
+Every step writes its outputs under the output folder and a marker in ``.steps/``. The
+marker records a key and the size of each output file. The key is a hash of the recipe
+sections the step reads and of the keys of the steps it depends on. A rerun of the same command skips a step
 only when its key is unchanged and every recorded output still exists with its recorded
 size; otherwise the step and every step after it runs again.
 """

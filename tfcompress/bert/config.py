@@ -15,7 +15,7 @@ class BertConfig:
       num_layers: number of transformer blocks.
       num_heads: attention heads per block.
       intermediate_size: width of the feed-forward layer.
-      max_position_embeddings: longest sequence the position table covers.
+      max_position_embeddings: maximum sequence length the position table covers.
       type_vocab_size: number of segment (token type) ids.
       hidden_act: "gelu" (exact, erf based), "gelu_approximate" (tanh) or "relu".
       layer_norm_eps: epsilon of every LayerNormalization.

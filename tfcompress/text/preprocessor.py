@@ -1,6 +1,6 @@
 """Tokenization of strings into the BERT encoder's input dict.
 
-WordPiece is done by tensorflow-text's ``FastBertTokenizer``; this module adds what a
+tensorflow-text's ``FastBertTokenizer`` does the WordPiece split. This module adds what a
 BERT preprocessing model adds around it: [CLS]/[SEP], sentence pairs with segment ids,
 truncation to a fixed length (longest sequence first for pairs) and padding.
 """
