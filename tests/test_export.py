@@ -8,8 +8,11 @@ import pytest
 from conftest import random_inputs
 from tfcompress._keras import keras, tf
 from tfcompress.bert import BertConfig, build_encoder, classifier
+from ai_edge_litert import schema_py_generated as schema
+from ai_edge_litert.interpreter import Interpreter
 from tfcompress.export import (MODES, Tolerance, UnsupportedOpError, VerificationError,
-                               check_builtin_ops, to_tflite, weight_stats)
+                               check_builtin_ops, flatbuffer, to_tflite, weight_stats)
+from tfcompress.export.tflite import INT8_FLOAT_STAGES, run_tflite
 
 
 @pytest.fixture(scope="module")
@@ -208,12 +211,94 @@ def test_int8_needs_calibration(tiny_classifier, data, tmp_path):
         to_tflite(tiny_classifier, tmp_path / "m.tflite", mode="int8", verify_data=data)
 
 
-def test_int16x8_layer_norm_rejected(tmp_path):
+def test_int16x8_runs_layer_norm_in_int16(tiny_classifier, data, tmp_path):
+    # The converter's own 16x8 mode makes int16 SQUARED_DIFFERENCE / RSQRT that
+    # LiteRT 2.3.0 cannot run; the ai-edge-quantizer path runs them in int16.
+    result = to_tflite(tiny_classifier, tmp_path / "m.tflite", mode="int16x8",
+                       representative_data=data, tolerance=Tolerance(min_cosine=0.99))
+    with open(result.path, "rb") as f:
+        content = f.read()
+    # Five LayerNormalizations: embeddings, then attention and FFN of two blocks.
+    assert flatbuffer.operators_with_input_type(content, "RSQRT", "INT16") == 5
+    # Six projections a block and the pooler in int16; the logits layer, which
+    # produces the output, stays float32 so that the output comes out as float.
+    assert flatbuffer.operators_with_input_type(content, "FULLY_CONNECTED", "INT16") == 13
+    assert flatbuffer.operators_with_input_type(content, "FULLY_CONNECTED", "FLOAT32") == 1
+    outputs = Interpreter(model_content=content).get_output_details()
+    assert [detail["dtype"] for detail in outputs] == [np.float32]
+    assert result.verification.cosine >= 0.99
+
+
+def test_int16x8_rejects_float_inputs(tmp_path):
     inputs = keras.Input((4, 8))
-    model = keras.Model(inputs, keras.layers.LayerNormalization()(inputs))
-    data = np.random.default_rng(3).normal(size=(8, 4, 8)).astype(np.float32)
-    with pytest.raises(NotImplementedError, match="RSQRT"):
+    model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    data = np.zeros((2, 4, 8), np.float32)
+    with pytest.raises(ValueError, match="int16x8.*float"):
         to_tflite(model, tmp_path / "m.tflite", mode="int16x8", representative_data=data)
+    assert os.listdir(tmp_path) == []
+
+
+def test_int4_quantizes_embedding_tables(tiny_classifier, data, tmp_path):
+    result = to_tflite(tiny_classifier, tmp_path / "int4.tflite", mode="int4",
+                       verify_data=data, tolerance=Tolerance(min_cosine=0.95))
+    with open(result.path, "rb") as f:
+        content = f.read()
+    model = flatbuffer.read_model(content)
+    names = flatbuffer.operator_names(content)
+    subgraph = model.Subgraphs(0)
+    tables = []
+    for o in range(subgraph.OperatorsLength()):
+        op = subgraph.Operators(o)
+        assert names[op.OpcodeIndex()] != "GATHER" or \
+            subgraph.Tensors(op.Inputs(0)).Type() != schema.TensorType.FLOAT32 or \
+            subgraph.Tensors(op.Inputs(0)).ShapeAsNumpy()[0] < 32
+        if names[op.OpcodeIndex()] == "EMBEDDING_LOOKUP":
+            table = subgraph.Tensors(op.Inputs(1))
+            tables.append((tuple(table.ShapeAsNumpy()), table.Type()))
+    # Word (100 x 32) and token-type (2 x 32) tables: rows of 32 are one int4 block.
+    assert sorted(tables) == [((2, 32), schema.TensorType.INT4),
+                              ((100, 32), schema.TensorType.INT4)]
+
+
+def test_gather_rewrite_keeps_outputs(tiny_classifier, data, tmp_path):
+    result = to_tflite(tiny_classifier, tmp_path / "f.tflite", verify_data=data)
+    with open(result.path, "rb") as f:
+        content = f.read()
+    rewritten = flatbuffer.gather_to_embedding_lookup(content)
+    assert "EMBEDDING_LOOKUP" in flatbuffer.operator_names(rewritten)
+    examples = [{k: v[i:i + 1] for k, v in data.items()} for i in range(4)]
+    before = run_tflite(content, examples)
+    after = run_tflite(rewritten, examples)
+    for name, value in before.items():
+        np.testing.assert_array_equal(after[name], value)
+
+
+def test_int8_float_tensors_explicit(tiny_classifier, data, tmp_path):
+    result = to_tflite(tiny_classifier, tmp_path / "m.tflite", mode="int8",
+                       representative_data=data, float_tensors=[r"/residual/"],
+                       tolerance=Tolerance(min_cosine=0.9))
+    # Two blocks, each with an attention and an FFN residual add.
+    assert result.float_nodes == 4
+    assert result.float_tensors == (r"/residual/",)
+
+
+def test_int8_auto_keeps_more_float_until_it_passes(tiny_classifier, data, tmp_path, caplog):
+    caplog.set_level("INFO", logger="tfcompress.export.tflite")
+    path = tmp_path / "m.tflite"
+    with pytest.raises(VerificationError):
+        to_tflite(tiny_classifier, path, mode="int8", representative_data=data,
+                  tolerance=Tolerance(max_abs_diff=0.0))
+    escalations = [r for r in caplog.records if "Keeping more in float32" in r.getMessage()]
+    # Stages 1 and 2 failed and moved on; stage 3 was the last one tried.
+    assert len(escalations) == len(INT8_FLOAT_STAGES) - 1
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("value, error", [("residual", TypeError), (["("], ValueError)])
+def test_float_tensors_invalid(tiny_classifier, data, tmp_path, value, error):
+    with pytest.raises(error, match="float_tensors"):
+        to_tflite(tiny_classifier, tmp_path / "m.tflite", mode="int8",
+                  representative_data=data, float_tensors=value)
     assert os.listdir(tmp_path) == []
 
 

@@ -17,16 +17,20 @@ def _variant(name, kind, size, mode=None, median=None):
                    latency_p90_ms=None if median is None else median * 1.2)
 
 
-def test_int8_slower_flagged():
+def test_quantized_slower_flagged():
     report = SizeReport([
         _variant("keras", "keras", 4000),
         _variant("f32", "tflite", 1000, "float32", median=2.0),
         _variant("int8", "tflite", 300, "int8", median=2.5),
         _variant("dynamic", "tflite", 320, "dynamic", median=3.0),
+        _variant("int16x8", "tflite", 400, "int16x8", median=60.0),
+        _variant("int4", "tflite", 150, "int4", median=1.5),
     ])
     rows = {row["name"]: row for row in report.rows()}
     assert rows["int8"]["flags"] == [SLOWER]
-    assert rows["dynamic"]["flags"] == []  # only int8 is expected to be faster
+    assert rows["dynamic"]["flags"] == [SLOWER]
+    assert rows["int16x8"]["flags"] == [SLOWER]
+    assert rows["int4"]["flags"] == []
     assert rows["f32"]["flags"] == []
     assert rows["int8"]["ratio_to_tflite_float32"] == pytest.approx(0.3)
     assert rows["int8"]["ratio_to_keras_float32"] == pytest.approx(0.075)

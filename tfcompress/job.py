@@ -479,6 +479,7 @@ def step_export(recipe, out):
             "max_abs_diff": getattr(verification, "max_abs_diff", None),
             "cosine": getattr(verification, "cosine", None),
             "label_agreement": getattr(verification, "label_agreement", None),
+            "float_tensors": list(result.float_tensors), "float_nodes": result.float_nodes,
         }
         outputs.append(result.path)
     summary = os.path.join(out, "tflite", "exports.json")
@@ -510,6 +511,7 @@ def step_evaluate(recipe, out):
     with open(os.path.join(out, "tflite", "exports.json"), encoding="utf-8") as f:
         exports = json.load(f)
     failed = {name: entry["failed"] for name, entry in exports.items() if entry.get("failed")}
+    partly_float = {name: entry for name, entry in exports.items() if entry.get("float_nodes")}
     for name, _, mode, path in _export_plan(recipe, out):
         if name in failed:
             continue
@@ -522,6 +524,9 @@ def step_evaluate(recipe, out):
     path = os.path.join(out, "evaluation.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"examples": int(len(labels)), "failed_exports": failed,
+                   "float_tensors": {name: {"patterns": entry["float_tensors"],
+                                            "operators": entry["float_nodes"]}
+                                     for name, entry in partly_float.items()},
                    "latency_runs": settings["latency_runs"],
                    "warmup_runs": settings["warmup_runs"], "num_threads": settings["num_threads"],
                    "variants": rows}, f, indent=1)
@@ -566,6 +571,14 @@ def step_report(recipe, out, wall_seconds):
     report = SizeReport(variants, keras_baseline="baseline float32 SavedModel",
                         tflite_baseline="baseline float32")
     paths = report.save(out)
+    if evaluation.get("float_tensors"):
+        with open(paths["md"], "a", encoding="utf-8") as f:
+            f.write("\nint8 variants that keep part of the residual stream in float32 to meet "
+                    "their tolerance (LayerNormalization statistics are float32 in every "
+                    "int8 variant):\n\n")
+            for name, float_part in evaluation["float_tensors"].items():
+                f.write(f"- {name}: {float_part['operators']} operators matching "
+                        f"{', '.join(float_part['patterns'])}\n")
     if evaluation["failed_exports"]:
         with open(paths["md"], "a", encoding="utf-8") as f:
             f.write("\nExports that failed (verification against their Keras model, or a "

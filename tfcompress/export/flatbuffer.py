@@ -4,14 +4,18 @@ The TFLite schema module shipped with ai-edge-litert parses the file. This modul
 two checks that tfcompress reports on. The first is that every operator is a builtin,
 with no Flex or custom op that a stock LiteRT runtime lacks. The second is the fraction
 of exact zeros in the stored constant weights, counted from the buffers, sparse-encoded
-tensors included.
+tensors included. It also rewrites embedding gathers as EMBEDDING_LOOKUP
+(``gather_to_embedding_lookup``), the form ai-edge-quantizer's weight recipes cover.
 """
 
 import dataclasses
 import gzip
+import logging
 
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
+
+logger = logging.getLogger(__name__)
 
 _BUILTIN_NAMES = {value: name for name, value in vars(schema.BuiltinOperator).items()
                   if not name.startswith("_")}
@@ -88,6 +92,19 @@ def operators_with_input_type(content, operator, tensor_type):
             if subgraph.Tensors(op.Inputs(0)).Type() == getattr(schema.TensorType, tensor_type):
                 count += 1
     return count
+
+
+def operator_outputs(content):
+    """Return the output tensor names of every operator, in graph order."""
+    model = read_model(content)
+    names = []
+    for s in range(model.SubgraphsLength()):
+        subgraph = model.Subgraphs(s)
+        for o in range(subgraph.OperatorsLength()):
+            op = subgraph.Operators(o)
+            for i in range(op.OutputsLength()):
+                names.append(subgraph.Tensors(op.Outputs(i)).Name().decode())
+    return names
 
 
 def _buffer_bytes(model, index, content):
@@ -171,3 +188,118 @@ def weight_stats(content):
 def gzip_size(content):
     """Return the size in bytes of ``content`` gzip-compressed at level 6 (the gzip command's default)."""
     return len(gzip.compress(bytes(content), compresslevel=6, mtime=0))
+
+
+def gather_to_embedding_lookup(content):
+    """Rewrite every GATHER of rows of a constant float32 table as EMBEDDING_LOOKUP.
+
+    EMBEDDING_LOOKUP takes 1-D int32 ids, so each rewritten GATHER becomes RESHAPE
+    (ids to 1-D), EMBEDDING_LOOKUP, RESHAPE (rows back to the GATHER's output shape).
+    The outputs are identical. Only gathers along axis 0 with static int32 ids are
+    rewritten; the others are kept. Returns the new flatbuffer bytes, or ``content``
+    itself when nothing matched.
+    """
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
+    rewritten = 0
+    for subgraph in model.subgraphs:
+        operators = []
+        for op in subgraph.operators:
+            if _is_table_gather(model, subgraph, op):
+                operators.extend(_embedding_lookup(model, subgraph, op))
+                rewritten += 1
+            else:
+                operators.append(op)
+        subgraph.operators = operators
+    if not rewritten:
+        return content
+    logger.info("rewrote %d GATHER operators on constant tables as EMBEDDING_LOOKUP",
+                rewritten)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _builtin_code(code):
+    return max(code.builtinCode, code.deprecatedBuiltinCode)
+
+
+def _is_table_gather(model, subgraph, op):
+    if _builtin_code(model.operatorCodes[op.opcodeIndex]) != schema.BuiltinOperator.GATHER:
+        return False
+    options = op.builtinOptions
+    if options is not None and (options.axis != 0 or options.batchDims != 0):
+        return False
+    table, ids, output = (subgraph.tensors[i] for i in (op.inputs[0], op.inputs[1],
+                                                        op.outputs[0]))
+    buffer = model.buffers[table.buffer]
+    constant = buffer.data is not None or buffer.offset > 1
+    static = all(t.shapeSignature is None or np.all(np.asarray(t.shapeSignature) >= 0)
+                 for t in (ids, output))
+    unquantized = table.quantization is None or table.quantization.scale is None
+    return (constant and static and unquantized and len(table.shape) == 2
+            and table.type == schema.TensorType.FLOAT32
+            and ids.type == schema.TensorType.INT32)
+
+
+def _embedding_lookup(model, subgraph, gather):
+    """Return the RESHAPE, EMBEDDING_LOOKUP, RESHAPE operators replacing ``gather``."""
+    table, ids, output = (int(gather.inputs[0]), int(gather.inputs[1]),
+                          int(gather.outputs[0]))
+    name = subgraph.tensors[output].name.decode().rstrip(";")
+    count = int(np.prod(subgraph.tensors[ids].shape))
+    width = int(subgraph.tensors[table].shape[1])
+    flat_ids = _add_tensor(model, subgraph, f"{name}/ids", [count], schema.TensorType.INT32)
+    rows = _add_tensor(model, subgraph, f"{name}/rows", [count, width],
+                       subgraph.tensors[output].type)
+    lookup = _operator(model, schema.BuiltinOperator.EMBEDDING_LOOKUP, [flat_ids, table],
+                       [rows])
+    return [_reshape(model, subgraph, ids, flat_ids), lookup,
+            _reshape(model, subgraph, rows, output)]
+
+
+def _reshape(model, subgraph, source, target):
+    shape = [int(d) for d in subgraph.tensors[target].shape]
+    shape_tensor = _add_tensor(model, subgraph,
+                               subgraph.tensors[target].name.decode() + "/shape",
+                               [len(shape)], schema.TensorType.INT32,
+                               np.array(shape, np.int32))
+    op = _operator(model, schema.BuiltinOperator.RESHAPE, [source, shape_tensor], [target])
+    op.builtinOptionsType = schema.BuiltinOptions.ReshapeOptions
+    op.builtinOptions = schema.ReshapeOptionsT()
+    op.builtinOptions.newShape = shape
+    return op
+
+
+def _add_tensor(model, subgraph, name, shape, tensor_type, data=None):
+    buffer = schema.BufferT()
+    if data is not None:
+        buffer.data = np.frombuffer(data.tobytes(), np.uint8)
+    model.buffers.append(buffer)
+    tensor = schema.TensorT()
+    tensor.name = name.encode()
+    tensor.shape = np.array(shape, np.int32)
+    tensor.type = tensor_type
+    tensor.buffer = len(model.buffers) - 1
+    subgraph.tensors.append(tensor)
+    return len(subgraph.tensors) - 1
+
+
+def _operator(model, builtin, inputs, outputs):
+    op = schema.OperatorT()
+    op.opcodeIndex = _opcode_index(model, builtin)
+    op.inputs = np.array(inputs, np.int32)
+    op.outputs = np.array(outputs, np.int32)
+    return op
+
+
+def _opcode_index(model, builtin):
+    for index, code in enumerate(model.operatorCodes):
+        if _builtin_code(code) == builtin:
+            return index
+    code = schema.OperatorCodeT()
+    code.builtinCode = builtin
+    code.deprecatedBuiltinCode = min(builtin,
+                                     schema.BuiltinOperator.PLACEHOLDER_FOR_GREATER_OP_CODES)
+    code.version = 1
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1

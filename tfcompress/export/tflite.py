@@ -13,13 +13,21 @@ Modes:
   dynamic: int8 weights, activations quantized per invoke (dynamic range).
   int8: int8 weights and activations calibrated on ``representative_data``. Token-id
     inputs stay int32 and the outputs stay float32 (the converter adds a quantize and
-    a dequantize step at the edges); every other operator must have an int8 kernel.
-    Models trained with fake quantization (QAT) convert without calibration data.
-  int16x8: int16 activations and int8 weights, calibrated; operators without a 16x8
-    kernel (the int32 -> float cast of the attention mask, for example) stay float32.
+    a dequantize step at the edges). LayerNormalization's statistics stay float32, and
+    where the int8 model misses the tolerance, more of the residual stream is kept in
+    float32, stage by stage (see ``INT8_FLOAT_STAGES``). Models trained with fake
+    quantization (QAT) convert without calibration data.
+  int16x8: int16 activations and int8 per-channel weights, calibrated on
+    ``representative_data`` by ai-edge-quantizer (static, int16 activations, int8
+    weights) applied to the float32 model. The operators that produce the model's
+    outputs stay float32, so outputs come out as float32 like in the other modes;
+    embedding tables are stored as int16 (a gather takes its table's scale). Inputs
+    must be integers (token ids): the quantizer would turn float inputs into int16.
   int4: int4 weights in blocks of 32 with float32 activations (ai-edge-quantizer
-    recipe ``dynamic_wi4b32_afp32``) applied to the float32 model; weights whose
-    input size is not a multiple of 32 stay float32.
+    recipe ``dynamic_wi4b32_afp32``) applied to the float32 model, with embedding
+    lookups on constant tables rewritten so that the recipe covers the tables too
+    (``flatbuffer.gather_to_embedding_lookup``); weights whose input size is not a
+    multiple of 32 stay float32.
 """
 
 import dataclasses
@@ -133,6 +141,9 @@ class ExportResult:
       inputs: ``(name, dtype, shape)`` of each signature input.
       outputs: the signature's output names.
       operators: the operator names the model uses.
+      float_tensors: in mode "int8", the patterns of the operator outputs that were
+        kept in float32 (besides ``float_ops``); empty otherwise.
+      float_nodes: how many operators those patterns matched.
     """
 
     path: str
@@ -147,6 +158,8 @@ class ExportResult:
     inputs: tuple
     outputs: tuple
     operators: tuple
+    float_tensors: tuple = ()
+    float_nodes: int = 0
 
     @property
     def fixed_sequence_length(self):
@@ -158,10 +171,26 @@ class ExportResult:
 # wrecks the layer's output.
 INT8_FLOAT_OPS = ("MEAN", "SQUARED_DIFFERENCE", "RSQRT")
 
+# What float_tensors="auto" keeps in float32, tried in order until the int8 model meets
+# its tolerance. Each entry is a tuple of regular expressions searched in the output
+# tensor names of the operators, which carry the Keras layer names.
+#   1. nothing more: every matmul, add and activation is int8.
+#   2. the residual stream: LayerNormalization's elementwise steps (Keras names them
+#      ".../batchnorm/...") and the encoder's residual adds. In MiniLM's FFN outputs a
+#      few channels reach about 200 while the rest stay below 5. One int8 scale for the
+#      residual sum then rounds the typical values away. The matmuls all stay int8.
+#   3. also the FFN output projections, whose int8 output has the same outlier range.
+#      Their weights then stay float32 too.
+INT8_FLOAT_STAGES = (
+    (),
+    (r"/batchnorm/", r"/residual/"),
+    (r"/batchnorm/", r"/residual/", r"/ffn/output/"),
+)
+
 
 def to_tflite(model, path, mode="float32", representative_data=None, verify_data=None,
               sparse=False, seq_length=None, overwrite=False, tolerance=None,
-              num_threads=None, float_ops=INT8_FLOAT_OPS):
+              num_threads=None, float_ops=INT8_FLOAT_OPS, float_tensors="auto"):
     """Convert ``model`` to a TFLite file at ``path``, verify it, and measure it.
 
     Args:
@@ -189,7 +218,13 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
       float_ops: TFLite operators kept in float32 in mode "int8" with
         representative data, with quantize / dequantize around them. The default
         keeps LayerNormalization's mean, variance and rsqrt in float (see
-        ``INT8_FLOAT_OPS``); pass ``()`` for a fully integer model.
+        ``INT8_FLOAT_OPS``); pass ``()`` together with ``float_tensors=()`` for a
+        fully integer model.
+      float_tensors: in mode "int8" with representative data, regular expressions
+        searched in the operators' output tensor names; matching operators stay
+        float32. "auto" (the default) tries the stages of ``INT8_FLOAT_STAGES`` in
+        order and keeps the first that meets the tolerance (the first stage only,
+        when there is nothing to verify on).
 
     Returns:
       An ``ExportResult``.
@@ -215,6 +250,7 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
                               "it or choose another path.")
     if not isinstance(sparse, bool):
         raise TypeError(f"sparse must be True or False; received {sparse!r}.")
+    stages = _float_stages(float_tensors)
     if seq_length is not None and (not isinstance(seq_length, int) or seq_length < 1):
         raise ValueError(f"seq_length must be a positive integer; received {seq_length!r}.")
     if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
@@ -233,6 +269,12 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
         seq_length = (signature.sequence_length_of(verify_data, model)
                       or signature.sequence_length_of(representative_data, model))
     specs = signature.input_specs(model, seq_length)
+    if mode == "int16x8" and not all(spec.is_integer for spec in specs):
+        floats = [spec.name for spec in specs if not spec.is_integer]
+        raise ValueError(
+            f"mode 'int16x8' supports models whose inputs are integers (token ids); "
+            f"input(s) {floats} are float and would become int16 inputs. Use mode "
+            "'int8' or 'dynamic' for this model.")
     has_dynamic_length = any(None in t.shape[1:] for t in model.inputs)
     calibration = None
     if representative_data is not None:
@@ -260,23 +302,30 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
             "(a few hundred typical examples); pass it, or use mode='dynamic', which "
             "needs none."
         )
-    converter = _converter(model, serve, concrete, mode, calibration, sparse,
-                           quantization_aware)
-    if mode == "int8" and calibration is not None and float_ops:
-        content = _convert_selective(converter, calibration, float_ops)
+    verification, patterns, nodes = None, (), 0
+    if mode == "int8" and calibration is not None and (float_ops or any(stages)):
+        debugger = _calibrate(
+            _converter(model, serve, concrete, mode, calibration, sparse, quantization_aware),
+            calibration, float_ops)
+        for stage, patterns in enumerate(stages):
+            content, nodes = _quantize_selective(debugger, float_ops, patterns)
+            if examples is None:
+                break
+            verification = verify(model, content, examples, tolerance, num_threads)
+            failed = verification.failures()
+            if not failed or stage == len(stages) - 1:
+                break
+            logger.info("int8 with %d operators in float32 (%s) failed: %s. Keeping more "
+                        "in float32", nodes, ", ".join(patterns) or "none",
+                        "; ".join(failed))
     else:
-        content = _convert(converter)
+        content = _convert(
+            _converter(model, serve, concrete, mode, calibration, sparse, quantization_aware))
     if mode == "int4":
         content = _quantize_int4(content)
+    if mode == "int16x8":
+        content = _quantize_int16x8(content, calibration)
     flatbuffer.check_builtin_ops(content)
-    if mode == "int16x8" and flatbuffer.operators_with_input_type(content, "RSQRT", "INT16"):
-        # Seen with ai-edge-litert 2.3.0: invoking a 16x8 model with an int16 RSQRT
-        # (what LayerNormalization becomes) aborts the whole Python process.
-        raise NotImplementedError(
-            "mode 'int16x8' produced an int16 RSQRT (from LayerNormalization), which "
-            "the installed LiteRT interpreter cannot run: it aborts the process. Use "
-            "mode='int8' or mode='dynamic' for this model."
-        )
 
     # Atomic write: a temporary file beside path, verified, then renamed onto path.
     folder = os.path.dirname(os.path.abspath(path))
@@ -292,7 +341,8 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
                 "representative_data was given; pass verify_data to compare it with "
                 "the Keras model.", stacklevel=2)
         else:
-            verification = verify(model, content, examples, tolerance, num_threads)
+            if verification is None:
+                verification = verify(model, content, examples, tolerance, num_threads)
             failed = verification.failures()
             if failed:
                 layers = _layer_errors(model, serve, concrete, mode, calibration, sparse,
@@ -318,6 +368,8 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
         inputs=tuple((s.name, s.dtype, s.shape) for s in specs),
         outputs=tuple(_output_names(content)),
         operators=tuple(sorted(set(flatbuffer.operator_names(content)))),
+        float_tensors=tuple(patterns),
+        float_nodes=nodes,
     )
     logger.info("wrote %s (%s, %d bytes, %d gzip bytes, sparsity %.3f)", path, mode,
                 result.bytes, result.gzip_bytes, result.sparsity)
@@ -351,22 +403,16 @@ def _converter(model, serve, concrete, mode, calibration, sparse, quantization_a
     module.serve = serve
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], module)
     optimizations = []
-    if mode in ("float16", "dynamic", "int8", "int16x8") or quantization_aware:
+    if mode in ("float16", "dynamic", "int8") or quantization_aware:
         optimizations.append(tf.lite.Optimize.DEFAULT)
     if sparse:
         optimizations.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
     converter.optimizations = optimizations
     if mode == "float16":
         converter.target_spec.supported_types = [tf.float16]
-    if mode in _CALIBRATED and calibration is not None:
-        converter.representative_dataset = lambda: iter(calibration)
     if mode == "int8" and calibration is not None:
+        converter.representative_dataset = lambda: iter(calibration)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    if mode == "int16x8":
-        converter.target_spec.supported_ops = [
-            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
-            tf.lite.OpsSet.TFLITE_BUILTINS,
-        ]
     return converter
 
 
@@ -392,9 +438,65 @@ def _convert(converter):
 def _quantize_int4(content):
     from ai_edge_quantizer import quantizer, recipe
 
+    # The recipe covers EMBEDDING_LOOKUP but not GATHER, and the converter emits GATHER
+    # for a Keras Embedding. Without the rewrite the word table would stay float32.
+    content = flatbuffer.gather_to_embedding_lookup(content)
     int4 = quantizer.Quantizer(bytearray(content), recipe.dynamic_wi4b32_afp32())
     result = int4.quantize(enable_progress_report=False, enable_progress_bar=False)
     return bytes(result.quantized_model)
+
+
+def _int16x8_quantizer(content):
+    """Return an ai-edge-quantizer ``Quantizer`` set up for the int16x8 mode."""
+    from ai_edge_quantizer import qtyping, quantizer
+
+    # The TFLite converter's own 16x8 mode emits int16 SQUARED_DIFFERENCE and RSQRT
+    # for LayerNormalization; LiteRT 2.3.0 rejects the first and aborts the process
+    # on the second. ai-edge-quantizer's int16 LayerNormalization runs.
+    int16 = quantizer.Quantizer(bytearray(content))
+    int16.add_static_config(".*", qtyping.TFLOperationName.ALL_SUPPORTED,
+                            activation_num_bits=16, weight_num_bits=8,
+                            weight_granularity=qtyping.QuantGranularity.CHANNELWISE)
+    # The operators that produce the outputs or read float inputs stay float32, so the
+    # model's float inputs and outputs keep their type. An operator's scope is its
+    # output tensor names, each followed by ";".
+    for name in _float_edge_tensors(content):
+        int16.update_quantization_recipe(
+            regex=f"(^|;){re.escape(name)};",
+            operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+            algorithm_key="no_quantize")
+    return int16
+
+
+def _quantize_int16x8(content, calibration):
+    int16 = _int16x8_quantizer(content)
+    calibrated = int16.calibrate({_signature_key(content): calibration}, num_threads=1)
+    result = int16.quantize(calibrated, enable_progress_report=False,
+                            enable_progress_bar=False)
+    return bytes(result.quantized_model)
+
+
+def _signature_key(content):
+    from ai_edge_litert.interpreter import Interpreter
+
+    return next(iter(Interpreter(model_content=content).get_signature_list()))
+
+
+def _float_edge_tensors(content):
+    """Output names of the operators that produce a graph output or read a float input."""
+    model = flatbuffer.read_model(content)
+    subgraph = model.Subgraphs(0)
+    outputs = set(subgraph.OutputsAsNumpy().tolist())
+    float_inputs = {i for i in subgraph.InputsAsNumpy().tolist()
+                    if subgraph.Tensors(i).Type() == flatbuffer.schema.TensorType.FLOAT32}
+    names = []
+    for o in range(subgraph.OperatorsLength()):
+        op = subgraph.Operators(o)
+        produced = op.OutputsAsNumpy().tolist()
+        if outputs.intersection(produced) or float_inputs.intersection(
+                op.InputsAsNumpy().tolist()):
+            names.extend(subgraph.Tensors(i).Name().decode() for i in produced)
+    return names
 
 
 def _output_names(content):
@@ -470,7 +572,9 @@ def _layer_errors(model, serve, concrete, mode, calibration, sparse, quantizatio
                   content, examples, top=10):
     """Return ``[(tensor name, error, what the error is)]``, largest first."""
     try:
-        if mode in _CALIBRATED and calibration is not None:
+        if mode == "int16x8":
+            return _int16x8_errors(model, serve, concrete, calibration, examples, top)
+        if mode == "int8" and calibration is not None:
             return _debugger_errors(model, serve, concrete, mode, calibration, sparse,
                                     quantization_aware, top)
         if mode == "float32":
@@ -492,15 +596,44 @@ def _debug_dataset(calibration):
     return dataset
 
 
-def _convert_selective(converter, calibration, float_ops):
-    """Convert to int8 keeping the operators in ``float_ops`` in float32."""
+def _float_stages(float_tensors):
+    """Return the tuple of pattern tuples that ``to_tflite`` tries in mode int8."""
+    if isinstance(float_tensors, str) and float_tensors == "auto":
+        return INT8_FLOAT_STAGES
+    if isinstance(float_tensors, str) or not isinstance(float_tensors, (list, tuple)):
+        raise TypeError(f"float_tensors must be 'auto' or a list of regular expressions; "
+                        f"received {float_tensors!r}.")
+    for pattern in float_tensors:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as error:
+            raise ValueError(f"float_tensors holds {pattern!r}, which is not a regular "
+                             f"expression ({error}); fix or remove it.") from None
+    return (tuple(float_tensors),)
+
+
+def _calibrate(converter, calibration, float_ops):
+    """Return TFLite's QuantizationDebugger holding the model calibrated on ``calibration``.
+
+    Its ``options`` setter quantizes the calibrated model again with another denylist
+    of operator types and operator output names, without calibrating again.
+    """
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
                                            tf.lite.OpsSet.TFLITE_BUILTINS]
+    return tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=_debug_dataset(calibration),
+        debug_options=tf.lite.experimental.QuantizationDebugOptions(
+            denylisted_ops=list(float_ops)))
 
-    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops))
-    debugger = tf.lite.experimental.QuantizationDebugger(
-        converter=converter, debug_dataset=_debug_dataset(calibration), debug_options=options)
-    return debugger.get_nondebug_quantized_model()
+
+def _quantize_selective(debugger, float_ops, patterns):
+    """Quantize to int8 keeping ``float_ops`` and the operators whose output name matches
+    one of ``patterns`` in float32; return the model and how many operators matched."""
+    nodes = [name for name in flatbuffer.operator_outputs(debugger.calibrated_model)
+             if any(re.search(pattern, name) for pattern in patterns)]
+    debugger.options = tf.lite.experimental.QuantizationDebugOptions(
+        denylisted_ops=list(float_ops), denylisted_nodes=nodes)
+    return debugger.get_nondebug_quantized_model(), len(nodes)
 
 
 def _debugger_errors(model, serve, concrete, mode, calibration, sparse,
@@ -513,6 +646,26 @@ def _debugger_errors(model, serve, concrete, mode, calibration, sparse,
     debugger.run()
     rows = [(name, float(np.sqrt(stats["mean_squared_error"])), "rmse vs float")
             for name, stats in debugger.layer_statistics.items()]
+    return sorted(rows, key=lambda row: -row[1])[:top]
+
+
+def _int16x8_errors(model, serve, concrete, calibration, examples, top):
+    """Per-tensor signal-to-noise ratio of the int16x8 model (ai-edge-quantizer's
+    validation on a few examples); the smallest first."""
+    from ai_edge_quantizer.utils import validation_utils
+
+    content = _convert(_converter(model, serve, concrete, "float32", None, False, False))
+    int16 = _int16x8_quantizer(content)
+    int16.quantize(int16.calibrate({_signature_key(content): calibration}, num_threads=1),
+                   enable_progress_report=False, enable_progress_bar=False)
+    comparison = int16.validate({_signature_key(content): examples[:4]},
+                                error_metrics=[validation_utils.ValidationErrorMetric.SNR],
+                                num_threads=1)
+    rows = []
+    for name, metrics in comparison.get_all_tensor_results().items():
+        snr = float(next(iter(metrics.values())))
+        if snr > 0.0:  # Integer inputs and constants report 0.
+            rows.append((name, 1.0 / snr, "noise / signal power"))
     return sorted(rows, key=lambda row: -row[1])[:top]
 
 
