@@ -214,6 +214,8 @@ def test_int8_needs_calibration(tiny_classifier, data, tmp_path):
 def test_int16x8_runs_layer_norm_in_int16(tiny_classifier, data, tmp_path):
     # The converter's own 16x8 mode makes int16 SQUARED_DIFFERENCE / RSQRT that
     # LiteRT 2.3.0 cannot run; the ai-edge-quantizer path runs them in int16.
+    # Direction only: on these 8 random examples one near-tied argmax flips (7 of 8
+    # agree). The label agreement of int16x8 is checked on the trained MiniLM by the job.
     result = to_tflite(tiny_classifier, tmp_path / "m.tflite", mode="int16x8",
                        representative_data=data, tolerance=Tolerance(min_cosine=0.99))
     with open(result.path, "rb") as f:
@@ -282,6 +284,63 @@ def test_int8_float_tensors_explicit(tiny_classifier, data, tmp_path):
     assert result.float_tensors == (r"/residual/",)
 
 
+def test_int8_float_matmuls_get_int8_weights(tiny_classifier, data, tmp_path):
+    result = to_tflite(tiny_classifier, tmp_path / "m.tflite", mode="int8",
+                       representative_data=data, float_tensors=[r"/ffn/output/"],
+                       tolerance=Tolerance(min_cosine=0.9))
+    with open(result.path, "rb") as f:
+        content = f.read()
+    model = flatbuffer.read_model(content)
+    subgraph = model.Subgraphs(0)
+    names = flatbuffer.operator_names(content)
+    float_matmuls = []
+    for o in range(subgraph.OperatorsLength()):
+        op = subgraph.Operators(o)
+        if (names[op.OpcodeIndex()] == "FULLY_CONNECTED"
+                and subgraph.Tensors(op.Inputs(0)).Type() == schema.TensorType.FLOAT32):
+            float_matmuls.append(subgraph.Tensors(op.Inputs(1)).Type())
+    # One FFN output projection a block: float32 activations, int8 weights.
+    assert float_matmuls == [schema.TensorType.INT8, schema.TensorType.INT8]
+
+
+def test_int8_qat_without_calibration_rejected(tiny_classifier, data, tmp_path):
+    from tfcompress.compress import Recipe, compress
+
+    recipe = Recipe([{"match": r".*attention/(query|key|value)",
+                      "quantize": {"mode": "qat", "bits": 8}}])
+    qat, _ = compress(tiny_classifier, recipe, calibration_data=data)
+    # Only the query / key / value inputs have fake-quant ranges; the other matmuls
+    # would silently stay float32.
+    with pytest.raises(ValueError, match="representative_data"):
+        to_tflite(qat, tmp_path / "m.tflite", mode="int8", verify_data=data)
+    assert os.listdir(tmp_path) == []
+
+
+def test_int4_keeps_unblocked_weights_float(tmp_path):
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((8,), dtype="int32", name="ids")
+    hidden = keras.layers.Dense(40)(keras.layers.Embedding(50, 64)(ids))
+    model = keras.Model(ids, keras.layers.Dense(3)(hidden))
+    data = {"ids": np.random.default_rng(0).integers(0, 50, (4, 8)).astype(np.int32)}
+    result = to_tflite(model, tmp_path / "m.tflite", mode="int4", verify_data=data,
+                       tolerance=Tolerance(min_cosine=0.95))
+    with open(result.path, "rb") as f:
+        content = f.read()
+    model_fb = flatbuffer.read_model(content)
+    subgraph = model_fb.Subgraphs(0)
+    names = flatbuffer.operator_names(content)
+    weights = {}
+    for o in range(subgraph.OperatorsLength()):
+        op = subgraph.Operators(o)
+        if names[op.OpcodeIndex()] in ("FULLY_CONNECTED", "EMBEDDING_LOOKUP"):
+            tensor = subgraph.Tensors(op.Inputs(1))
+            weights[tuple(tensor.ShapeAsNumpy())] = tensor.Type()
+    # Blocks of 32 run along the last axis: 64 splits into two, 40 does not.
+    assert weights == {(50, 64): schema.TensorType.INT4,
+                       (40, 64): schema.TensorType.INT4,
+                       (3, 40): schema.TensorType.FLOAT32}
+
+
 def test_int8_auto_keeps_more_float_until_it_passes(tiny_classifier, data, tmp_path, caplog):
     caplog.set_level("INFO", logger="tfcompress.export.tflite")
     path = tmp_path / "m.tflite"
@@ -294,7 +353,8 @@ def test_int8_auto_keeps_more_float_until_it_passes(tiny_classifier, data, tmp_p
     assert not path.exists()
 
 
-@pytest.mark.parametrize("value, error", [("residual", TypeError), (["("], ValueError)])
+@pytest.mark.parametrize("value, error", [("residual", TypeError), (["("], ValueError),
+                                          ([b"residual"], TypeError)])
 def test_float_tensors_invalid(tiny_classifier, data, tmp_path, value, error):
     with pytest.raises(error, match="float_tensors"):
         to_tflite(tiny_classifier, tmp_path / "m.tflite", mode="int8",

@@ -70,6 +70,41 @@ def operator_names(content):
     return names
 
 
+def used_operator_names(content):
+    """Return the operator name of every operator node; unused operator codes are left out."""
+    model = read_model(content)
+    codes = operator_names(content)
+    names = []
+    for s in range(model.SubgraphsLength()):
+        subgraph = model.Subgraphs(s)
+        for o in range(subgraph.OperatorsLength()):
+            names.append(codes[subgraph.Operators(o).OpcodeIndex()])
+    return names
+
+
+def operators_with_unblocked_weights(content, block):
+    """Return the first output name of each operator with a constant input of rank >= 2
+    whose last axis is not a multiple of ``block``."""
+    model = read_model(content)
+    names = []
+    for s in range(model.SubgraphsLength()):
+        subgraph = model.Subgraphs(s)
+        for o in range(subgraph.OperatorsLength()):
+            op = subgraph.Operators(o)
+            for index in op.InputsAsNumpy().tolist() if op.InputsLength() else []:
+                if index < 0:
+                    continue
+                tensor = subgraph.Tensors(index)
+                shape = tensor.ShapeAsNumpy() if tensor.ShapeLength() else []
+                buffer = model.Buffers(tensor.Buffer())
+                constant = buffer is not None and (buffer.DataLength() > 0
+                                                   or buffer.Offset() > 1)
+                if constant and len(shape) >= 2 and shape[-1] % block:
+                    names.append(subgraph.Tensors(op.Outputs(0)).Name().decode())
+                    break
+    return names
+
+
 def check_builtin_ops(content):
     """Raise ``UnsupportedOpError`` naming every Flex or custom operator of a model."""
     custom = [name.split(":", 1)[1] for name in operator_names(content)
@@ -94,14 +129,28 @@ def operators_with_input_type(content, operator, tensor_type):
     return count
 
 
-def operator_outputs(content):
-    """Return the output tensor names of every operator, in graph order."""
+def operator_outputs(content, operator=None, input_type=None):
+    """Return the output tensor names of the operators, in graph order.
+
+    Args:
+      content: flatbuffer bytes.
+      operator: a BuiltinOperator name such as "FULLY_CONNECTED"; None for every one.
+      input_type: a TensorType name such as "FLOAT32" that the first input must have;
+        None for any.
+    """
     model = read_model(content)
+    codes = operator_names(content)
     names = []
     for s in range(model.SubgraphsLength()):
         subgraph = model.Subgraphs(s)
         for o in range(subgraph.OperatorsLength()):
             op = subgraph.Operators(o)
+            if operator is not None and codes[op.OpcodeIndex()] != operator:
+                continue
+            if input_type is not None and (
+                    op.InputsLength() == 0 or subgraph.Tensors(op.Inputs(0)).Type()
+                    != getattr(schema.TensorType, input_type)):
+                continue
             for i in range(op.OutputsLength()):
                 names.append(subgraph.Tensors(op.Outputs(i)).Name().decode())
     return names

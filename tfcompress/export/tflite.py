@@ -171,16 +171,16 @@ class ExportResult:
 # wrecks the layer's output.
 INT8_FLOAT_OPS = ("MEAN", "SQUARED_DIFFERENCE", "RSQRT")
 
-# What float_tensors="auto" keeps in float32, tried in order until the int8 model meets
-# its tolerance. Each entry is a tuple of regular expressions searched in the output
-# tensor names of the operators, which carry the Keras layer names.
+# Stages of float_tensors="auto": operators kept in float32, tried in order until the
+# int8 model meets its tolerance. Each entry is a tuple of regular expressions searched
+# in the output tensor names of the operators, which carry the Keras layer names.
 #   1. nothing more: every matmul, add and activation is int8.
 #   2. the residual stream: LayerNormalization's elementwise steps (Keras names them
 #      ".../batchnorm/...") and the encoder's residual adds. In MiniLM's FFN outputs a
 #      few channels reach about 200 while the rest stay below 5. One int8 scale for the
 #      residual sum then rounds the typical values away. The matmuls all stay int8.
 #   3. also the FFN output projections, whose int8 output has the same outlier range.
-#      Their weights then stay float32 too.
+#      They run with float32 activations and int8 weights, as in mode "dynamic".
 INT8_FLOAT_STAGES = (
     (),
     (r"/batchnorm/", r"/residual/"),
@@ -251,11 +251,22 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
     if not isinstance(sparse, bool):
         raise TypeError(f"sparse must be True or False; received {sparse!r}.")
     stages = _float_stages(float_tensors)
+    if mode != "int8" and not (isinstance(float_tensors, str) and float_tensors == "auto"):
+        raise ValueError(f"float_tensors applies to mode 'int8' only; received "
+                         f"{float_tensors!r} with mode {mode!r}. Remove it.")
+    _check_float_ops(float_ops)
+    if mode == "int16x8" and representative_data is None:
+        raise ValueError(_CALIBRATION_MISSING.format(mode=mode))
     if seq_length is not None and (not isinstance(seq_length, int) or seq_length < 1):
         raise ValueError(f"seq_length must be a positive integer; received {seq_length!r}.")
     if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
         raise ValueError(f"num_threads must be a positive integer; received {num_threads!r}.")
     if isinstance(tolerance, dict):
+        fields = [field.name for field in dataclasses.fields(Tolerance)]
+        unknown = sorted(set(tolerance) - set(fields))
+        if unknown:
+            raise ValueError(f"tolerance has unknown field(s) {unknown}; use "
+                             f"{', '.join(fields)}.")
         tolerance = Tolerance(**tolerance)
     if tolerance is not None and not isinstance(tolerance, Tolerance):
         raise TypeError(f"tolerance must be a Tolerance or a dict of its fields; "
@@ -297,12 +308,8 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
     quantization_aware = _has_fake_quant(concrete)
     if mode in _CALIBRATED and calibration is None and not (
             mode == "int8" and quantization_aware):
-        raise ValueError(
-            f"mode {mode!r} calibrates activation ranges and needs representative_data "
-            "(a few hundred typical examples); pass it, or use mode='dynamic', which "
-            "needs none."
-        )
-    verification, patterns, nodes = None, (), 0
+        raise ValueError(_CALIBRATION_MISSING.format(mode=mode))
+    verification, patterns, nodes, debugger = None, (), 0, None
     if mode == "int8" and calibration is not None and (float_ops or any(stages)):
         debugger = _calibrate(
             _converter(model, serve, concrete, mode, calibration, sparse, quantization_aware),
@@ -318,9 +325,16 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
             logger.info("int8 with %d operators in float32 (%s) failed: %s. Keeping more "
                         "in float32", nodes, ", ".join(patterns) or "none",
                         "; ".join(failed))
+        if len(stages) == 1 and patterns and not nodes:
+            warnings.warn(f"float_tensors {list(patterns)} matched no operator output, so "
+                          "nothing more was kept in float32. Operator outputs are named "
+                          "after the Keras layers, such as 'model/dense/MatMul'.",
+                          stacklevel=2)
     else:
         content = _convert(
             _converter(model, serve, concrete, mode, calibration, sparse, quantization_aware))
+        if mode == "int8" and calibration is None:
+            _check_quantization_aware_int8(content)
     if mode == "int4":
         content = _quantize_int4(content)
     if mode == "int16x8":
@@ -334,7 +348,6 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
     try:
         with os.fdopen(handle, "wb") as f:
             f.write(content)
-        verification = None
         if examples is None:
             warnings.warn(
                 f"{path!r} is written unverified because neither verify_data nor "
@@ -345,8 +358,8 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
                 verification = verify(model, content, examples, tolerance, num_threads)
             failed = verification.failures()
             if failed:
-                layers = _layer_errors(model, serve, concrete, mode, calibration, sparse,
-                                       quantization_aware, content, examples)
+                layers = _layer_errors(model, serve, concrete, mode, calibration, content,
+                                       examples, debugger)
                 raise VerificationError(_failure_message(mode, failed, verification, layers),
                                         verification, layers)
         os.replace(temporary, path)
@@ -367,7 +380,7 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
         seq_length=seq_length if has_dynamic_length else None,
         inputs=tuple((s.name, s.dtype, s.shape) for s in specs),
         outputs=tuple(_output_names(content)),
-        operators=tuple(sorted(set(flatbuffer.operator_names(content)))),
+        operators=tuple(sorted(set(flatbuffer.used_operator_names(content)))),
         float_tensors=tuple(patterns),
         float_nodes=nodes,
     )
@@ -440,10 +453,37 @@ def _quantize_int4(content):
 
     # The recipe covers EMBEDDING_LOOKUP but not GATHER, and the converter emits GATHER
     # for a Keras Embedding. Without the rewrite the word table would stay float32.
+    from ai_edge_quantizer import qtyping
+
     content = flatbuffer.gather_to_embedding_lookup(content)
+    float_tables = flatbuffer.operator_outputs(content, "GATHER", "FLOAT32")
+    if float_tables:
+        warnings.warn(f"{len(float_tables)} embedding lookup(s), such as "
+                      f"{float_tables[0]!r}, keep a float32 table in int4 because their ids "
+                      "are not static int32 tensors.", stacklevel=3)
     int4 = quantizer.Quantizer(bytearray(content), recipe.dynamic_wi4b32_afp32())
+    # Blocks of 32 run along a weight's last axis; the quantizer raises for a weight
+    # whose last axis is not a multiple of 32, so those operators stay float32.
+    for name in flatbuffer.operators_with_unblocked_weights(content, 32):
+        int4.update_quantization_recipe(
+            regex=f"(^|;){re.escape(name)};",
+            operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+            algorithm_key="no_quantize")
     result = int4.quantize(enable_progress_report=False, enable_progress_bar=False)
     return bytes(result.quantized_model)
+
+
+def _check_quantization_aware_int8(content):
+    """Raise when an int8 model converted from fake-quant ranges alone still has float
+    matmuls, which happens when the ranges cover only part of the graph."""
+    float_matmuls = (flatbuffer.operator_outputs(content, "FULLY_CONNECTED", "FLOAT32")
+                     + flatbuffer.operator_outputs(content, "BATCH_MATMUL", "FLOAT32"))
+    if float_matmuls:
+        raise ValueError(
+            f"the model's fake-quant ranges leave {len(float_matmuls)} matmul(s) without "
+            f"int8 inputs, such as {float_matmuls[0]!r}, so they would run in float32. "
+            "Pass representative_data so that the converter calibrates the other ranges, "
+            "or use mode='dynamic'.")
 
 
 def _int16x8_quantizer(content):
@@ -568,15 +608,18 @@ def verify(model, content, examples, tolerance, num_threads=None):
     )
 
 
-def _layer_errors(model, serve, concrete, mode, calibration, sparse, quantization_aware,
-                  content, examples, top=10):
-    """Return ``[(tensor name, error, what the error is)]``, largest first."""
+def _layer_errors(model, serve, concrete, mode, calibration, content, examples,
+                  debugger=None, top=10):
+    """Return ``[(tensor name, error, what the error is)]``, largest first.
+
+    ``debugger`` is the QuantizationDebugger that produced an int8 model, set to the
+    denylist of the model that failed.
+    """
     try:
         if mode == "int16x8":
             return _int16x8_errors(model, serve, concrete, calibration, examples, top)
-        if mode == "int8" and calibration is not None:
-            return _debugger_errors(model, serve, concrete, mode, calibration, sparse,
-                                    quantization_aware, top)
+        if debugger is not None:
+            return _debugger_errors(debugger, top)
         if mode == "float32":
             return []
         reference = _convert(_converter(model, serve, concrete, "float32", None, False, False))
@@ -596,6 +639,24 @@ def _debug_dataset(calibration):
     return dataset
 
 
+_CALIBRATION_MISSING = (
+    "mode {mode!r} calibrates activation ranges and needs representative_data (a few "
+    "hundred typical examples); pass it, or use mode='dynamic', which needs none.")
+
+
+def _check_float_ops(float_ops):
+    from ai_edge_litert import schema_py_generated as schema
+
+    if isinstance(float_ops, str) or not isinstance(float_ops, (list, tuple)):
+        raise TypeError(f"float_ops must be a list of TFLite operator names such as "
+                        f"{list(INT8_FLOAT_OPS)}; received {float_ops!r}.")
+    unknown = [op for op in float_ops if not (isinstance(op, str) and op.isupper()
+                                             and hasattr(schema.BuiltinOperator, op))]
+    if unknown:
+        raise ValueError(f"float_ops holds {unknown}, which are not TFLite builtin operator "
+                         f"names; use names such as {list(INT8_FLOAT_OPS)}.")
+
+
 def _float_stages(float_tensors):
     """Return the tuple of pattern tuples that ``to_tflite`` tries in mode int8."""
     if isinstance(float_tensors, str) and float_tensors == "auto":
@@ -604,6 +665,9 @@ def _float_stages(float_tensors):
         raise TypeError(f"float_tensors must be 'auto' or a list of regular expressions; "
                         f"received {float_tensors!r}.")
     for pattern in float_tensors:
+        if not isinstance(pattern, str):
+            raise TypeError(f"float_tensors must hold regular expressions as str; "
+                            f"received {pattern!r}.")
         try:
             re.compile(pattern)
         except (re.error, TypeError) as error:
@@ -633,16 +697,38 @@ def _quantize_selective(debugger, float_ops, patterns):
              if any(re.search(pattern, name) for pattern in patterns)]
     debugger.options = tf.lite.experimental.QuantizationDebugOptions(
         denylisted_ops=list(float_ops), denylisted_nodes=nodes)
-    return debugger.get_nondebug_quantized_model(), len(nodes)
+    content = debugger.get_nondebug_quantized_model()
+    return _int8_weights_for_float_matmuls(content, nodes), len(nodes)
 
 
-def _debugger_errors(model, serve, concrete, mode, calibration, sparse,
-                     quantization_aware, top):
-    converter = _converter(model, serve, concrete, mode, calibration, sparse,
-                           quantization_aware)
+def _int8_weights_for_float_matmuls(content, nodes):
+    """Store the weights of the float32 FULLY_CONNECTED operators among ``nodes`` in int8.
 
-    debugger = tf.lite.experimental.QuantizationDebugger(
-        converter=converter, debug_dataset=_debug_dataset(calibration))
+    The denylisted matmuls keep float32 activations, but their weights need not stay
+    float32: ai-edge-quantizer's dynamic-range config gives them int8 per-channel
+    weights, as in mode "dynamic".
+    """
+    from ai_edge_quantizer import qtyping, quantizer
+
+    matmuls = set(flatbuffer.operator_outputs(content, "FULLY_CONNECTED", "FLOAT32"))
+    names = [name for name in nodes if name in matmuls]
+    if not names:
+        return content
+    weights = quantizer.Quantizer(bytearray(content))
+    for name in names:
+        weights.add_dynamic_config(f"(^|;){re.escape(name)};",
+                                   qtyping.TFLOperationName.FULLY_CONNECTED, 8,
+                                   qtyping.QuantGranularity.CHANNELWISE)
+    try:
+        result = weights.quantize(enable_progress_report=False, enable_progress_bar=False)
+    except Exception as error:  # The float32-weight model is still valid, only larger.
+        warnings.warn(f"int8 weights for the {len(names)} float32 matmuls failed ({error}); "
+                      "they keep float32 weights.", stacklevel=3)
+        return content
+    return bytes(result.quantized_model)
+
+
+def _debugger_errors(debugger, top):
     debugger.run()
     rows = [(name, float(np.sqrt(stats["mean_squared_error"])), "rmse vs float")
             for name, stats in debugger.layer_statistics.items()]
@@ -661,10 +747,12 @@ def _int16x8_errors(model, serve, concrete, calibration, examples, top):
     comparison = int16.validate({_signature_key(content): examples[:4]},
                                 error_metrics=[validation_utils.ValidationErrorMetric.SNR],
                                 num_threads=1)
+    computed = set(flatbuffer.operator_outputs(content))
     rows = []
     for name, metrics in comparison.get_all_tensor_results().items():
         snr = float(next(iter(metrics.values())))
-        if snr > 0.0:  # Integer inputs and constants report 0.
+        # Only operator outputs: constants and integer inputs have no useful ratio.
+        if name in computed and snr > 0.0:
             rows.append((name, 1.0 / snr, "noise / signal power"))
     return sorted(rows, key=lambda row: -row[1])[:top]
 
