@@ -206,6 +206,14 @@ def test_rejects_existing_path(tiny_classifier, data, tmp_path):
     assert path.read_bytes() == b"keep me"
 
 
+def test_failed_export_removes_new_folders(tiny_classifier, data, tmp_path):
+    path = tmp_path / "new" / "deeper" / "m.tflite"
+    with pytest.raises(VerificationError):
+        to_tflite(tiny_classifier, path, mode="dynamic", verify_data=data,
+                  tolerance=Tolerance(max_abs_diff=0.0))
+    assert os.listdir(tmp_path) == []
+
+
 def test_int8_needs_calibration(tiny_classifier, data, tmp_path):
     with pytest.raises(ValueError, match="representative_data"):
         to_tflite(tiny_classifier, tmp_path / "m.tflite", mode="int8", verify_data=data)

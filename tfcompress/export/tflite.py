@@ -343,8 +343,10 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
 
     # Atomic write: a temporary file beside path, verified, then renamed onto path.
     folder = os.path.dirname(os.path.abspath(path))
+    created = _missing_folders(folder)
     os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tfcompress-", suffix=".tflite")
+    written = False
     try:
         with os.fdopen(handle, "wb") as f:
             f.write(content)
@@ -363,9 +365,14 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
                 raise VerificationError(_failure_message(mode, failed, verification, layers),
                                         verification, layers)
         os.replace(temporary, path)
+        written = True
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+        if not written:
+            # The folders this call created are empty again; remove them, deepest first.
+            for created_folder in created:
+                os.rmdir(created_folder)
 
     stats = flatbuffer.weight_stats(content)
     result = ExportResult(
@@ -387,6 +394,18 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
     logger.info("wrote %s (%s, %d bytes, %d gzip bytes, sparsity %.3f)", path, mode,
                 result.bytes, result.gzip_bytes, result.sparsity)
     return result
+
+
+def _missing_folders(folder):
+    """Return the folders that ``os.makedirs(folder)`` would create, deepest first."""
+    missing = []
+    while folder and not os.path.exists(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return missing
 
 
 def _serving_function(model, specs):
