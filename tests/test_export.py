@@ -35,6 +35,25 @@ def data():
     return random_inputs(batch=8, seq=16)
 
 
+def _operator_inputs(path):
+    """Return ``(operator name, [(shape, TensorType) of each input])`` per operator node."""
+    with open(path, "rb") as f:
+        content = f.read()
+    subgraph = flatbuffer.read_model(content).Subgraphs(0)
+    names = flatbuffer.operator_names(content)
+    rows = []
+    for o in range(subgraph.OperatorsLength()):
+        op = subgraph.Operators(o)
+        inputs = []
+        for index in op.InputsAsNumpy().tolist():
+            # -1 marks an omitted optional input, such as a missing bias.
+            tensor = subgraph.Tensors(index) if index >= 0 else None
+            inputs.append(None if tensor is None
+                          else (tuple(tensor.ShapeAsNumpy()), tensor.Type()))
+        rows.append((names[op.OpcodeIndex()], inputs))
+    return rows
+
+
 def test_float32_result_fields(tiny_classifier, data, tmp_path):
     path = tmp_path / "model.tflite"
     result = to_tflite(tiny_classifier, path, verify_data=data)
@@ -221,7 +240,7 @@ def test_int8_needs_calibration(tiny_classifier, data, tmp_path):
 
 def test_int16x8_runs_layer_norm_in_int16(tiny_classifier, data, tmp_path):
     # The converter's own 16x8 mode makes int16 SQUARED_DIFFERENCE / RSQRT that
-    # LiteRT 2.3.0 cannot run; the ai-edge-quantizer path runs them in int16.
+    # LiteRT 2.3.0 cannot run. The ai-edge-quantizer path runs them in int16.
     # Direction only: on these 8 random examples one near-tied argmax flips (7 of 8
     # agree). The label agreement of int16x8 is checked on the trained MiniLM by the job.
     result = to_tflite(tiny_classifier, tmp_path / "m.tflite", mode="int16x8",
@@ -251,20 +270,12 @@ def test_int16x8_rejects_float_inputs(tmp_path):
 def test_int4_quantizes_embedding_tables(tiny_classifier, data, tmp_path):
     result = to_tflite(tiny_classifier, tmp_path / "int4.tflite", mode="int4",
                        verify_data=data, tolerance=Tolerance(min_cosine=0.95))
-    with open(result.path, "rb") as f:
-        content = f.read()
-    model = flatbuffer.read_model(content)
-    names = flatbuffer.operator_names(content)
-    subgraph = model.Subgraphs(0)
-    tables = []
-    for o in range(subgraph.OperatorsLength()):
-        op = subgraph.Operators(o)
-        assert names[op.OpcodeIndex()] != "GATHER" or \
-            subgraph.Tensors(op.Inputs(0)).Type() != schema.TensorType.FLOAT32 or \
-            subgraph.Tensors(op.Inputs(0)).ShapeAsNumpy()[0] < 32
-        if names[op.OpcodeIndex()] == "EMBEDDING_LOOKUP":
-            table = subgraph.Tensors(op.Inputs(1))
-            tables.append((tuple(table.ShapeAsNumpy()), table.Type()))
+    operators = _operator_inputs(result.path)
+    # No GATHER is left on a float32 table of 32 rows or more.
+    float_gathers = [inputs[0] for name, inputs in operators if name == "GATHER"
+                     and inputs[0][1] == schema.TensorType.FLOAT32 and inputs[0][0][0] >= 32]
+    assert float_gathers == []
+    tables = [inputs[1] for name, inputs in operators if name == "EMBEDDING_LOOKUP"]
     # Word (100 x 32) and token-type (2 x 32) tables: rows of 32 are one int4 block.
     assert sorted(tables) == [((2, 32), schema.TensorType.INT4),
                               ((100, 32), schema.TensorType.INT4)]
@@ -296,17 +307,9 @@ def test_int8_float_matmuls_get_int8_weights(tiny_classifier, data, tmp_path):
     result = to_tflite(tiny_classifier, tmp_path / "m.tflite", mode="int8",
                        representative_data=data, float_tensors=[r"/ffn/output/"],
                        tolerance=Tolerance(min_cosine=0.9))
-    with open(result.path, "rb") as f:
-        content = f.read()
-    model = flatbuffer.read_model(content)
-    subgraph = model.Subgraphs(0)
-    names = flatbuffer.operator_names(content)
-    float_matmuls = []
-    for o in range(subgraph.OperatorsLength()):
-        op = subgraph.Operators(o)
-        if (names[op.OpcodeIndex()] == "FULLY_CONNECTED"
-                and subgraph.Tensors(op.Inputs(0)).Type() == schema.TensorType.FLOAT32):
-            float_matmuls.append(subgraph.Tensors(op.Inputs(1)).Type())
+    float_matmuls = [inputs[1][1] for name, inputs in _operator_inputs(result.path)
+                     if name == "FULLY_CONNECTED"
+                     and inputs[0][1] == schema.TensorType.FLOAT32]
     # One FFN output projection a block: float32 activations, int8 weights.
     assert float_matmuls == [schema.TensorType.INT8, schema.TensorType.INT8]
 
@@ -317,7 +320,7 @@ def test_int8_qat_without_calibration_rejected(tiny_classifier, data, tmp_path):
     recipe = Recipe([{"match": r".*attention/(query|key|value)",
                       "quantize": {"mode": "qat", "bits": 8}}])
     qat, _ = compress(tiny_classifier, recipe, calibration_data=data)
-    # Only the query / key / value inputs have fake-quant ranges; the other matmuls
+    # Only the query / key / value inputs have fake-quant ranges, so the other matmuls
     # would silently stay float32.
     with pytest.raises(ValueError, match="representative_data"):
         to_tflite(qat, tmp_path / "m.tflite", mode="int8", verify_data=data)
@@ -332,31 +335,22 @@ def test_int4_keeps_unblocked_weights_float(tmp_path):
     data = {"ids": np.random.default_rng(0).integers(0, 50, (4, 8)).astype(np.int32)}
     result = to_tflite(model, tmp_path / "m.tflite", mode="int4", verify_data=data,
                        tolerance=Tolerance(min_cosine=0.95))
-    with open(result.path, "rb") as f:
-        content = f.read()
-    model_fb = flatbuffer.read_model(content)
-    subgraph = model_fb.Subgraphs(0)
-    names = flatbuffer.operator_names(content)
-    weights = {}
-    for o in range(subgraph.OperatorsLength()):
-        op = subgraph.Operators(o)
-        if names[op.OpcodeIndex()] in ("FULLY_CONNECTED", "EMBEDDING_LOOKUP"):
-            tensor = subgraph.Tensors(op.Inputs(1))
-            weights[tuple(tensor.ShapeAsNumpy())] = tensor.Type()
+    weights = dict(inputs[1] for name, inputs in _operator_inputs(result.path)
+                   if name in ("FULLY_CONNECTED", "EMBEDDING_LOOKUP"))
     # Blocks of 32 run along the last axis: 64 splits into two, 40 does not.
     assert weights == {(50, 64): schema.TensorType.INT4,
                        (40, 64): schema.TensorType.INT4,
                        (3, 40): schema.TensorType.FLOAT32}
 
 
-def test_int8_auto_keeps_more_float_until_it_passes(tiny_classifier, data, tmp_path, caplog):
+def test_int8_auto_tries_every_stage(tiny_classifier, data, tmp_path, caplog):
     caplog.set_level("INFO", logger="tfcompress.export.tflite")
     path = tmp_path / "m.tflite"
     with pytest.raises(VerificationError):
         to_tflite(tiny_classifier, path, mode="int8", representative_data=data,
                   tolerance=Tolerance(max_abs_diff=0.0))
     escalations = [r for r in caplog.records if "Keeping more in float32" in r.getMessage()]
-    # Stages 1 and 2 failed and moved on; stage 3 was the last one tried.
+    # Stages 1 and 2 failed and moved on, and stage 3 was the last one tried.
     assert len(escalations) == len(INT8_FLOAT_STAGES) - 1
     assert not path.exists()
 

@@ -43,24 +43,22 @@ def _existing_path(value):
     return value
 
 
-def _positive_int(value):
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; received {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; received {value!r}")
-    return number
+def _integer_at_least(minimum, description):
+    """Return an argparse type that parses an integer >= ``minimum``."""
+    def parse(value):
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or number < minimum:
+            raise argparse.ArgumentTypeError(f"expected {description}; received {value!r}")
+        return number
+
+    return parse
 
 
-def _non_negative_int(value):
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0; received {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0; received {value!r}")
-    return number
+_positive_int = _integer_at_least(1, "a positive integer")
+_non_negative_int = _integer_at_least(0, "an integer >= 0")
 
 
 # --------------------------------------------------------------------------- shared checks

@@ -70,38 +70,61 @@ def operator_names(content):
     return names
 
 
-def used_operator_names(content):
-    """Return the operator name of every operator node; unused operator codes are left out."""
+def _operators(content):
+    """Yield ``(model, subgraph, operator, operator name)`` for every operator node."""
     model = read_model(content)
     codes = operator_names(content)
-    names = []
     for s in range(model.SubgraphsLength()):
         subgraph = model.Subgraphs(s)
         for o in range(subgraph.OperatorsLength()):
-            names.append(codes[subgraph.Operators(o).OpcodeIndex()])
-    return names
+            op = subgraph.Operators(o)
+            yield model, subgraph, op, codes[op.OpcodeIndex()]
+
+
+def _first_input_type(subgraph, op):
+    return subgraph.Tensors(op.Inputs(0)).Type() if op.InputsLength() else None
+
+
+def _output_names(subgraph, op):
+    return [subgraph.Tensors(i).Name().decode() for i in op.OutputsAsNumpy().tolist()]
+
+
+def used_operator_names(content):
+    """Return the operator name of every operator node; unused operator codes are left out."""
+    return [name for _, _, _, name in _operators(content)]
 
 
 def operators_with_unblocked_weights(content, block):
     """Return the first output name of each operator with a constant input of rank >= 2
     whose last axis is not a multiple of ``block``."""
-    model = read_model(content)
     names = []
-    for s in range(model.SubgraphsLength()):
-        subgraph = model.Subgraphs(s)
-        for o in range(subgraph.OperatorsLength()):
-            op = subgraph.Operators(o)
-            for index in op.InputsAsNumpy().tolist() if op.InputsLength() else []:
-                if index < 0:
-                    continue
-                tensor = subgraph.Tensors(index)
-                shape = tensor.ShapeAsNumpy() if tensor.ShapeLength() else []
-                buffer = model.Buffers(tensor.Buffer())
-                constant = buffer is not None and (buffer.DataLength() > 0
-                                                   or buffer.Offset() > 1)
-                if constant and len(shape) >= 2 and shape[-1] % block:
-                    names.append(subgraph.Tensors(op.Outputs(0)).Name().decode())
-                    break
+    for model, subgraph, op, _ in _operators(content):
+        for index in op.InputsAsNumpy().tolist() if op.InputsLength() else []:
+            if index < 0:
+                continue
+            tensor = subgraph.Tensors(index)
+            shape = tensor.ShapeAsNumpy() if tensor.ShapeLength() else []
+            constant = _buffer_bytes(model, tensor.Buffer(), content) is not None
+            if constant and len(shape) >= 2 and shape[-1] % block:
+                names.append(_output_names(subgraph, op)[0])
+                break
+    return names
+
+
+def float_edge_operator_outputs(content):
+    """Return the output names of the main graph's operators that produce a graph output
+    or read a float32 graph input."""
+    model = read_model(content)
+    subgraph = model.Subgraphs(0)
+    outputs = set(subgraph.OutputsAsNumpy().tolist())
+    float_inputs = {i for i in subgraph.InputsAsNumpy().tolist()
+                    if subgraph.Tensors(i).Type() == schema.TensorType.FLOAT32}
+    names = []
+    for o in range(subgraph.OperatorsLength()):
+        op = subgraph.Operators(o)
+        if (outputs.intersection(op.OutputsAsNumpy().tolist())
+                or float_inputs.intersection(op.InputsAsNumpy().tolist())):
+            names.extend(_output_names(subgraph, op))
     return names
 
 
@@ -115,18 +138,9 @@ def check_builtin_ops(content):
 
 def operators_with_input_type(content, operator, tensor_type):
     """Count the ``operator`` nodes (a BuiltinOperator name) whose first input has ``tensor_type``."""
-    model = read_model(content)
-    names = operator_names(content)
-    count = 0
-    for s in range(model.SubgraphsLength()):
-        subgraph = model.Subgraphs(s)
-        for o in range(subgraph.OperatorsLength()):
-            op = subgraph.Operators(o)
-            if names[op.OpcodeIndex()] != operator or op.InputsLength() == 0:
-                continue
-            if subgraph.Tensors(op.Inputs(0)).Type() == getattr(schema.TensorType, tensor_type):
-                count += 1
-    return count
+    return sum(1 for _, subgraph, op, name in _operators(content)
+               if name == operator and _first_input_type(subgraph, op)
+               == getattr(schema.TensorType, tensor_type))
 
 
 def operator_outputs(content, operator=None, input_type=None):
@@ -138,21 +152,14 @@ def operator_outputs(content, operator=None, input_type=None):
       input_type: a TensorType name such as "FLOAT32" that the first input must have;
         None for any.
     """
-    model = read_model(content)
-    codes = operator_names(content)
     names = []
-    for s in range(model.SubgraphsLength()):
-        subgraph = model.Subgraphs(s)
-        for o in range(subgraph.OperatorsLength()):
-            op = subgraph.Operators(o)
-            if operator is not None and codes[op.OpcodeIndex()] != operator:
-                continue
-            if input_type is not None and (
-                    op.InputsLength() == 0 or subgraph.Tensors(op.Inputs(0)).Type()
-                    != getattr(schema.TensorType, input_type)):
-                continue
-            for i in range(op.OutputsLength()):
-                names.append(subgraph.Tensors(op.Outputs(i)).Name().decode())
+    for _, subgraph, op, name in _operators(content):
+        if operator is not None and name != operator:
+            continue
+        if input_type is not None and (_first_input_type(subgraph, op)
+                                       != getattr(schema.TensorType, input_type)):
+            continue
+        names.extend(_output_names(subgraph, op))
     return names
 
 

@@ -309,22 +309,29 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
     if mode in _CALIBRATED and calibration is None and not (
             mode == "int8" and quantization_aware):
         raise ValueError(_CALIBRATION_MISSING.format(mode=mode))
-    verification, patterns, nodes, debugger = None, (), 0, None
+    # ``quantizer`` is the object that quantized the model: TFLite's QuantizationDebugger
+    # for int8 or ai-edge-quantizer's Quantizer for int16x8. A failure breakdown reuses it.
+    verification, patterns, nodes, quantizer = None, (), [], None
     if mode == "int8" and calibration is not None and (float_ops or any(stages)):
-        debugger = _calibrate(
+        quantizer = _calibrate(
             _converter(model, serve, concrete, mode, calibration, sparse, quantization_aware),
             calibration, float_ops)
-        for stage, patterns in enumerate(stages):
-            content, nodes = _quantize_selective(debugger, float_ops, patterns)
+        for stage, stage_patterns in enumerate(stages):
+            stage_nodes = _matching_outputs(quantizer.calibrated_model, stage_patterns)
+            if stage and stage_nodes == nodes:
+                continue  # The same denylist gives the same model, judged already.
+            patterns, nodes = stage_patterns, stage_nodes
+            content = _quantize_selective(quantizer, float_ops, nodes)
             if examples is None:
                 break
             verification = verify(model, content, examples, tolerance, num_threads)
             failed = verification.failures()
-            if not failed or stage == len(stages) - 1:
+            if not failed:
                 break
-            logger.info("int8 with %d operators in float32 (%s) failed: %s. Keeping more "
-                        "in float32", nodes, ", ".join(patterns) or "none",
-                        "; ".join(failed))
+            if stage < len(stages) - 1:
+                logger.info("int8 with %d operators in float32 (%s) failed: %s. Keeping "
+                            "more in float32", len(nodes), ", ".join(patterns) or "none",
+                            "; ".join(failed))
         if len(stages) == 1 and patterns and not nodes:
             warnings.warn(f"float_tensors {list(patterns)} matched no operator output, so "
                           "nothing more was kept in float32. Operator outputs are named "
@@ -338,7 +345,7 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
     if mode == "int4":
         content = _quantize_int4(content)
     if mode == "int16x8":
-        content = _quantize_int16x8(content, calibration)
+        content, quantizer = _quantize_int16x8(content, calibration)
     flatbuffer.check_builtin_ops(content)
 
     # Atomic write: a temporary file beside path, verified, then renamed onto path.
@@ -360,8 +367,8 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
                 verification = verify(model, content, examples, tolerance, num_threads)
             failed = verification.failures()
             if failed:
-                layers = _layer_errors(model, serve, concrete, mode, calibration, content,
-                                       examples, debugger)
+                layers = _layer_errors(model, serve, concrete, mode, content, examples,
+                                       quantizer)
                 raise VerificationError(_failure_message(mode, failed, verification, layers),
                                         verification, layers)
         os.replace(temporary, path)
@@ -389,7 +396,7 @@ def to_tflite(model, path, mode="float32", representative_data=None, verify_data
         outputs=tuple(_output_names(content)),
         operators=tuple(sorted(set(flatbuffer.used_operator_names(content)))),
         float_tensors=tuple(patterns),
-        float_nodes=nodes,
+        float_nodes=len(nodes),
     )
     logger.info("wrote %s (%s, %d bytes, %d gzip bytes, sparsity %.3f)", path, mode,
                 result.bytes, result.gzip_bytes, result.sparsity)
@@ -472,8 +479,6 @@ def _quantize_int4(content):
 
     # The recipe covers EMBEDDING_LOOKUP but not GATHER, and the converter emits GATHER
     # for a Keras Embedding. Without the rewrite the word table would stay float32.
-    from ai_edge_quantizer import qtyping
-
     content = flatbuffer.gather_to_embedding_lookup(content)
     float_tables = flatbuffer.operator_outputs(content, "GATHER", "FLOAT32")
     if float_tables:
@@ -481,15 +486,30 @@ def _quantize_int4(content):
                       f"{float_tables[0]!r}, keep a float32 table in int4 because their ids "
                       "are not static int32 tensors.", stacklevel=3)
     int4 = quantizer.Quantizer(bytearray(content), recipe.dynamic_wi4b32_afp32())
-    # Blocks of 32 run along a weight's last axis; the quantizer raises for a weight
-    # whose last axis is not a multiple of 32, so those operators stay float32.
-    for name in flatbuffer.operators_with_unblocked_weights(content, 32):
-        int4.update_quantization_recipe(
-            regex=f"(^|;){re.escape(name)};",
-            operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
-            algorithm_key="no_quantize")
+    # Blocks of 32 run along a weight's last axis, and the quantizer raises for a weight
+    # whose last axis is not a multiple of 32. Those operators stay float32.
+    _leave_unquantized(int4, flatbuffer.operators_with_unblocked_weights(content, 32))
     result = int4.quantize(enable_progress_report=False, enable_progress_bar=False)
     return bytes(result.quantized_model)
+
+
+def _operator_scope(name):
+    """Return a regex for the ai-edge-quantizer scope of the operator that outputs ``name``.
+
+    A scope is the operator's output tensor names, each followed by ";".
+    """
+    return f"(^|;){re.escape(name)};"
+
+
+def _leave_unquantized(quantizer, names):
+    """Keep the operators that output ``names`` in float32 in an ai-edge-quantizer recipe."""
+    from ai_edge_quantizer import qtyping
+
+    for name in names:
+        quantizer.update_quantization_recipe(
+            regex=_operator_scope(name),
+            operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+            algorithm_key="no_quantize")
 
 
 def _check_quantization_aware_int8(content):
@@ -509,53 +529,32 @@ def _int16x8_quantizer(content):
     """Return an ai-edge-quantizer ``Quantizer`` set up for the int16x8 mode."""
     from ai_edge_quantizer import qtyping, quantizer
 
-    # The TFLite converter's own 16x8 mode emits int16 SQUARED_DIFFERENCE and RSQRT
-    # for LayerNormalization; LiteRT 2.3.0 rejects the first and aborts the process
-    # on the second. ai-edge-quantizer's int16 LayerNormalization runs.
+    # The TFLite converter's own 16x8 mode emits int16 SQUARED_DIFFERENCE and RSQRT for
+    # LayerNormalization. LiteRT 2.3.0 rejects the first and aborts the process on the
+    # second, while ai-edge-quantizer's int16 LayerNormalization runs.
     int16 = quantizer.Quantizer(bytearray(content))
     int16.add_static_config(".*", qtyping.TFLOperationName.ALL_SUPPORTED,
                             activation_num_bits=16, weight_num_bits=8,
                             weight_granularity=qtyping.QuantGranularity.CHANNELWISE)
     # The operators that produce the outputs or read float inputs stay float32, so the
-    # model's float inputs and outputs keep their type. An operator's scope is its
-    # output tensor names, each followed by ";".
-    for name in _float_edge_tensors(content):
-        int16.update_quantization_recipe(
-            regex=f"(^|;){re.escape(name)};",
-            operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
-            algorithm_key="no_quantize")
+    # model's float inputs and outputs keep their type.
+    _leave_unquantized(int16, flatbuffer.float_edge_operator_outputs(content))
     return int16
 
 
 def _quantize_int16x8(content, calibration):
+    """Return the int16x8 model and the ai-edge-quantizer ``Quantizer`` that made it."""
     int16 = _int16x8_quantizer(content)
     calibrated = int16.calibrate({_signature_key(content): calibration}, num_threads=1)
     result = int16.quantize(calibrated, enable_progress_report=False,
                             enable_progress_bar=False)
-    return bytes(result.quantized_model)
+    return bytes(result.quantized_model), int16
 
 
 def _signature_key(content):
     from ai_edge_litert.interpreter import Interpreter
 
     return next(iter(Interpreter(model_content=content).get_signature_list()))
-
-
-def _float_edge_tensors(content):
-    """Output names of the operators that produce a graph output or read a float input."""
-    model = flatbuffer.read_model(content)
-    subgraph = model.Subgraphs(0)
-    outputs = set(subgraph.OutputsAsNumpy().tolist())
-    float_inputs = {i for i in subgraph.InputsAsNumpy().tolist()
-                    if subgraph.Tensors(i).Type() == flatbuffer.schema.TensorType.FLOAT32}
-    names = []
-    for o in range(subgraph.OperatorsLength()):
-        op = subgraph.Operators(o)
-        produced = op.OutputsAsNumpy().tolist()
-        if outputs.intersection(produced) or float_inputs.intersection(
-                op.InputsAsNumpy().tolist()):
-            names.extend(subgraph.Tensors(i).Name().decode() for i in produced)
-    return names
 
 
 def _output_names(content):
@@ -627,18 +626,19 @@ def verify(model, content, examples, tolerance, num_threads=None):
     )
 
 
-def _layer_errors(model, serve, concrete, mode, calibration, content, examples,
-                  debugger=None, top=10):
+def _layer_errors(model, serve, concrete, mode, content, examples, quantizer=None,
+                  top=10):
     """Return ``[(tensor name, error, what the error is)]``, largest first.
 
-    ``debugger`` is the QuantizationDebugger that produced an int8 model, set to the
-    denylist of the model that failed.
+    ``quantizer`` is the object that produced ``content``: the QuantizationDebugger of
+    an int8 model, set to its denylist, or the ai-edge-quantizer Quantizer of an int16x8
+    model.
     """
     try:
-        if mode == "int16x8":
-            return _int16x8_errors(model, serve, concrete, calibration, examples, top)
-        if debugger is not None:
-            return _debugger_errors(debugger, top)
+        if mode == "int16x8" and quantizer is not None:
+            return _int16x8_errors(quantizer, content, examples, top)
+        if mode == "int8" and quantizer is not None:
+            return _debugger_errors(quantizer, top)
         if mode == "float32":
             return []
         reference = _convert(_converter(model, serve, concrete, "float32", None, False, False))
@@ -672,7 +672,7 @@ def _check_float_ops(float_ops):
     unknown = [op for op in float_ops if not (isinstance(op, str) and op.isupper()
                                              and hasattr(schema.BuiltinOperator, op))]
     if unknown:
-        raise ValueError(f"float_ops holds {unknown}, which are not TFLite builtin operator "
+        raise ValueError(f"float_ops contains {unknown}, which are not TFLite builtin operator "
                          f"names; use names such as {list(INT8_FLOAT_OPS)}.")
 
 
@@ -685,18 +685,18 @@ def _float_stages(float_tensors):
                         f"received {float_tensors!r}.")
     for pattern in float_tensors:
         if not isinstance(pattern, str):
-            raise TypeError(f"float_tensors must hold regular expressions as str; "
+            raise TypeError(f"float_tensors must contain regular expressions as str; "
                             f"received {pattern!r}.")
         try:
             re.compile(pattern)
         except (re.error, TypeError) as error:
-            raise ValueError(f"float_tensors holds {pattern!r}, which is not a regular "
+            raise ValueError(f"float_tensors contains {pattern!r}, which is not a regular "
                              f"expression ({error}); fix or remove it.") from None
     return (tuple(float_tensors),)
 
 
 def _calibrate(converter, calibration, float_ops):
-    """Return TFLite's QuantizationDebugger holding the model calibrated on ``calibration``.
+    """Return TFLite's QuantizationDebugger with the model calibrated on ``calibration``.
 
     Its ``options`` setter quantizes the calibrated model again with another denylist
     of operator types and operator output names, without calibrating again.
@@ -709,15 +709,19 @@ def _calibrate(converter, calibration, float_ops):
             denylisted_ops=list(float_ops)))
 
 
-def _quantize_selective(debugger, float_ops, patterns):
-    """Quantize to int8 keeping ``float_ops`` and the operators whose output name matches
-    one of ``patterns`` in float32; return the model and how many operators matched."""
-    nodes = [name for name in flatbuffer.operator_outputs(debugger.calibrated_model)
-             if any(re.search(pattern, name) for pattern in patterns)]
+def _matching_outputs(content, patterns):
+    """Return the operator output names that match one of the regular expressions."""
+    return [name for name in flatbuffer.operator_outputs(content)
+            if any(re.search(pattern, name) for pattern in patterns)]
+
+
+def _quantize_selective(debugger, float_ops, nodes):
+    """Quantize to int8, keeping the ``float_ops`` operator types and the operators that
+    output ``nodes`` in float32."""
     debugger.options = tf.lite.experimental.QuantizationDebugOptions(
         denylisted_ops=list(float_ops), denylisted_nodes=nodes)
     content = debugger.get_nondebug_quantized_model()
-    return _int8_weights_for_float_matmuls(content, nodes), len(nodes)
+    return _int8_weights_for_float_matmuls(content, nodes)
 
 
 def _int8_weights_for_float_matmuls(content, nodes):
@@ -735,7 +739,7 @@ def _int8_weights_for_float_matmuls(content, nodes):
         return content
     weights = quantizer.Quantizer(bytearray(content))
     for name in names:
-        weights.add_dynamic_config(f"(^|;){re.escape(name)};",
+        weights.add_dynamic_config(_operator_scope(name),
                                    qtyping.TFLOperationName.FULLY_CONNECTED, 8,
                                    qtyping.QuantGranularity.CHANNELWISE)
     try:
@@ -754,15 +758,11 @@ def _debugger_errors(debugger, top):
     return sorted(rows, key=lambda row: -row[1])[:top]
 
 
-def _int16x8_errors(model, serve, concrete, calibration, examples, top):
-    """Per-tensor signal-to-noise ratio of the int16x8 model (ai-edge-quantizer's
-    validation on a few examples); the smallest first."""
+def _int16x8_errors(int16, content, examples, top):
+    """Return the per-tensor noise-to-signal ratios of the int16x8 model, largest first,
+    from ai-edge-quantizer's validation of ``int16`` on a few examples."""
     from ai_edge_quantizer.utils import validation_utils
 
-    content = _convert(_converter(model, serve, concrete, "float32", None, False, False))
-    int16 = _int16x8_quantizer(content)
-    int16.quantize(int16.calibrate({_signature_key(content): calibration}, num_threads=1),
-                   enable_progress_report=False, enable_progress_bar=False)
     comparison = int16.validate({_signature_key(content): examples[:4]},
                                 error_metrics=[validation_utils.ValidationErrorMetric.SNR],
                                 num_threads=1)
